@@ -1,0 +1,178 @@
+"""Exact aggregation: sums only, divided once.
+
+Every metric lmloss reports is a ratio of sums kept here:
+    token_perplexity = exp(nll_nats / n_tokens)
+    byte_perplexity  = exp(nll_nats / n_bytes)      = 2 ** bits_per_byte
+    word_perplexity  = exp(nll_nats / n_words)
+    bits_per_byte    = nll_nats / (ln 2 * n_bytes)
+Never a mean of per-batch or per-document ratios.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["LossTotals", "bits_per_byte", "perplexity"]
+
+
+def _as_float(value, name: str) -> float:
+    """A Python float from a float, int or 0-d tensor (summed in float64 if a tensor has more elements)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a summed total (a float or a 0-d tensor), got a tensor of shape "
+                f"{tuple(value.shape)}; pass nll.sum() or use LossTotals.from_nll(nll)"
+            )
+        value = value.detach().to(torch.float64).item()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number or a 0-d tensor, got {type(value).__name__}") from None
+
+
+def _check_finite(nll_nats: float, where: str = "") -> None:
+    if not math.isfinite(nll_nats):
+        src = f" in {where}" if where else ""
+        raise ValueError(
+            f"non-finite loss {nll_nats}{src}: a NaN or inf logit reached the totals. "
+            "Check the model's logits (dtype overflow, NaN weights) before aggregating."
+        )
+
+
+def bits_per_byte(nll_nats, n_bytes) -> float:
+    """Bits per UTF-8 byte: nll_nats / (math.log(2) * n_bytes).
+
+    nll_nats: summed NLL in nats (float or 0-d tensor) of the tokens that encode the text;
+    n_bytes: len(text.encode("utf-8")) of that same text.
+    """
+    nll = _as_float(nll_nats, "nll_nats")
+    _check_finite(nll)
+    n = int(_as_float(n_bytes, "n_bytes"))
+    if n <= 0:
+        raise ValueError(f"bits_per_byte needs n_bytes > 0, got {n}: the text scored is empty")
+    return nll / (math.log(2) * n)
+
+
+def perplexity(nll_nats, n_tokens) -> float:
+    """Token perplexity: math.exp(nll_nats / n_tokens), nll_nats summed in nats over n_tokens targets."""
+    nll = _as_float(nll_nats, "nll_nats")
+    _check_finite(nll)
+    n = int(_as_float(n_tokens, "n_tokens"))
+    if n <= 0:
+        raise ValueError(f"perplexity needs n_tokens > 0, got {n}: no token was scored")
+    return math.exp(nll / n)
+
+
+@dataclass(frozen=True)
+class LossTotals:
+    """Sums behind every metric: summed NLL (nats, float64) and exact counts of what it was over.
+
+    Mergeable with `+`; `all_reduce()` sums across a torch.distributed process group.
+    """
+
+    nll_nats: float = 0.0
+    n_tokens: int = 0
+    n_bytes: int = 0
+    n_words: int = 0
+    n_chars: int = 0
+
+    def __post_init__(self):
+        _check_finite(float(self.nll_nats))
+        for name in ("n_tokens", "n_bytes", "n_words", "n_chars"):
+            v = getattr(self, name)
+            if int(v) != v or v < 0:
+                raise ValueError(f"LossTotals.{name} must be a non-negative integer, got {v!r}")
+
+    @classmethod
+    def from_nll(cls, nll: torch.Tensor, *, mask: torch.Tensor | None = None, n_bytes: int = 0,
+                 n_words: int = 0, n_chars: int = 0, where: str = "") -> "LossTotals":
+        """Totals of per-token NLL (any shape, nats): nll[mask].double().sum() over mask.sum() tokens.
+
+        `mask` (bool, same shape) selects the scored tokens; default all. A non-finite value raises
+        ValueError naming `where` and the flat index of the first bad token.
+        """
+        if not isinstance(nll, torch.Tensor):
+            raise TypeError(f"nll must be a tensor of per-token losses, got {type(nll).__name__}")
+        if mask is not None:
+            if mask.shape != nll.shape:
+                raise ValueError(f"mask shape {tuple(mask.shape)} != nll shape {tuple(nll.shape)}")
+            nll = nll[mask.bool()]
+        nll = nll.detach().reshape(-1)
+        total = nll.to(torch.float64).sum().item()
+        if not math.isfinite(total):
+            bad = (~torch.isfinite(nll)).nonzero()[0].item()
+            src = f"{where}, " if where else ""
+            raise ValueError(
+                f"non-finite loss in {src}scored token {bad} (value {nll[bad].item()}): a NaN or inf "
+                "logit reached the totals. Check the model's logits (dtype overflow, NaN weights)."
+            )
+        return cls(total, int(nll.numel()), int(n_bytes), int(n_words), int(n_chars))
+
+    def __add__(self, other: "LossTotals") -> "LossTotals":
+        if not isinstance(other, LossTotals):
+            return NotImplemented
+        return LossTotals(self.nll_nats + other.nll_nats, self.n_tokens + other.n_tokens,
+                          self.n_bytes + other.n_bytes, self.n_words + other.n_words,
+                          self.n_chars + other.n_chars)
+
+    def __radd__(self, other):  # sum([...]) starts from 0
+        if other == 0:
+            return self
+        return NotImplemented
+
+    def all_reduce(self, group=None) -> "LossTotals":
+        """Sum these totals over a torch.distributed group (float64 sum, int64 counts, one collective)."""
+        import torch.distributed as dist
+
+        backend = dist.get_backend(group)
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        # float64 holds integers exactly up to 2**53, far beyond any token or byte count.
+        buf = torch.tensor([self.nll_nats, self.n_tokens, self.n_bytes, self.n_words, self.n_chars],
+                           dtype=torch.float64, device=device)
+        dist.all_reduce(buf, group=group)
+        nll, *counts = buf.tolist()
+        return LossTotals(nll, *(int(c) for c in counts))
+
+    def _ratio(self, denom_name: str) -> float:
+        denom = getattr(self, denom_name)
+        if denom <= 0:
+            raise ValueError(f"cannot divide by {denom_name}=0: no {denom_name[2:]} were counted")
+        return self.nll_nats / denom
+
+    @property
+    def nll_per_token(self) -> float:
+        """Mean NLL in nats per scored token."""
+        return self._ratio("n_tokens")
+
+    @property
+    def token_perplexity(self) -> float:
+        return math.exp(self._ratio("n_tokens"))
+
+    @property
+    def byte_perplexity(self) -> float:
+        return math.exp(self._ratio("n_bytes"))
+
+    @property
+    def word_perplexity(self) -> float:
+        return math.exp(self._ratio("n_words"))
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self._ratio("n_bytes") / math.log(2)
+
+    def to_dict(self) -> dict:
+        """The sums, as a JSON-ready dict."""
+        return asdict(self)
+
+    def metrics(self) -> dict:
+        """Every metric these sums support; one whose denominator is 0 is left out."""
+        out = {}
+        for name in ("token_perplexity", "byte_perplexity", "word_perplexity", "bits_per_byte"):
+            try:
+                out[name] = getattr(self, name)
+            except (ValueError, OverflowError):
+                pass
+        return out

@@ -1,0 +1,42 @@
+"""Shared fixtures. Offline assets come from $LMLOSS_ASSETS (the Makefile sets it to ../shared/assets);
+tests that need them skip when it is unset, except under CI, where a missing asset is a failure."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _assets_dir() -> Path | None:
+    env = os.environ.get("LMLOSS_ASSETS")
+    if env:
+        return Path(env)
+    guess = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+    return guess if guess.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    d = _assets_dir()
+    if d is None or not d.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"offline assets not found (LMLOSS_ASSETS={os.environ.get('LMLOSS_ASSETS')!r})")
+        pytest.skip("offline assets not found: set LMLOSS_ASSETS to the shared assets folder")
+    return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_env():
+    """Tests never reach the network: hub libraries are told to stay offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    d = _assets_dir()
+    if d is not None:
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(d / "tokenizers" / "tiktoken_cache"))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

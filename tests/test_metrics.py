@@ -1,0 +1,78 @@
+"""LossTotals and the training-loop functions against hand-computed sums."""
+import math
+
+import pytest
+import torch
+
+from lmloss import LossTotals, bits_per_byte, perplexity
+
+
+def test_closed_form_uniform():
+    # uniform logits over V: every token costs ln V nats
+    V, n_tokens, n_bytes = 50257, 1000, 4321
+    t = LossTotals(n_tokens * math.log(V), n_tokens, n_bytes, 700, 4000)
+    assert t.token_perplexity == pytest.approx(V, rel=1e-12)
+    assert t.bits_per_byte == pytest.approx(n_tokens * math.log2(V) / n_bytes, rel=1e-12)
+    assert t.byte_perplexity == pytest.approx(2 ** t.bits_per_byte, rel=1e-12)
+    assert t.word_perplexity == pytest.approx(math.exp(n_tokens * math.log(V) / 700), rel=1e-12)
+
+
+def test_sum_of_parts_is_not_mean_of_ratios():
+    a = LossTotals(10.0, 2, 10, 1, 10)
+    b = LossTotals(1.0, 8, 30, 3, 30)
+    t = a + b
+    assert t == LossTotals(11.0, 10, 40, 4, 40)
+    assert t.token_perplexity == pytest.approx(math.exp(1.1))
+    mean_of_ppl = (a.token_perplexity + b.token_perplexity) / 2
+    assert abs(t.token_perplexity - mean_of_ppl) > 1  # the mistake lmloss never makes
+    assert sum([a, b]) == t
+
+
+def test_from_nll_float64_and_mask():
+    nll = torch.full((3, 1000), 1e-4, dtype=torch.float32) + 100.0
+    t = LossTotals.from_nll(nll, n_bytes=5)
+    ref = nll.double().sum().item()
+    assert t.nll_nats == ref and t.n_tokens == 3000
+    mask = torch.zeros(3, 1000, dtype=torch.bool)
+    mask[1, :7] = True
+    assert LossTotals.from_nll(nll, mask=mask).n_tokens == 7
+
+
+def test_non_finite_refused_with_location():
+    nll = torch.tensor([1.0, float("nan"), 2.0])
+    with pytest.raises(ValueError, match=r"document 4.*token 1"):
+        LossTotals.from_nll(nll, where="document 4")
+    with pytest.raises(ValueError, match="non-finite"):
+        LossTotals(float("inf"), 1, 1)
+    with pytest.raises(ValueError, match="non-finite"):
+        bits_per_byte(torch.tensor(float("nan")), 3)
+
+
+def test_zero_denominators_raise():
+    with pytest.raises(ValueError, match="n_tokens"):
+        LossTotals(0.0, 0, 5).token_perplexity
+    with pytest.raises(ValueError, match="n_bytes"):
+        LossTotals(1.0, 1, 0).bits_per_byte
+    with pytest.raises(ValueError, match="n_bytes > 0"):
+        bits_per_byte(1.0, 0)
+    with pytest.raises(ValueError, match="n_tokens > 0"):
+        perplexity(1.0, 0)
+    assert "bits_per_byte" not in LossTotals(1.0, 1, 0).metrics()
+
+
+def test_training_loop_functions():
+    nll = torch.tensor([0.5, 1.5, 2.0], dtype=torch.float32)
+    assert bits_per_byte(nll.sum(), 4) == pytest.approx(4.0 / (4 * math.log(2)))
+    assert perplexity(nll.sum(), 3) == pytest.approx(math.exp(4.0 / 3))
+    with pytest.raises(ValueError, match="summed total"):
+        bits_per_byte(nll, 4)
+
+
+def test_all_reduce_single_process_gloo(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        t = LossTotals(1.25, 3, 7, 2, 6)
+        assert t.all_reduce() == t
+    finally:
+        dist.destroy_process_group()
