@@ -42,6 +42,14 @@ def _check_finite(nll_nats: float, where: str = "") -> None:
         )
 
 
+def _exp(x: float) -> float:
+    """math.exp, but inf (not OverflowError) past float64's range: a mean NLL over ~709.78 nats."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def bits_per_byte(nll_nats, n_bytes) -> float:
     """Bits per UTF-8 byte: nll_nats / (math.log(2) * n_bytes).
 
@@ -63,7 +71,7 @@ def perplexity(nll_nats, n_tokens) -> float:
     n = int(_as_float(n_tokens, "n_tokens"))
     if n <= 0:
         raise ValueError(f"perplexity needs n_tokens > 0, got {n}: no token was scored")
-    return math.exp(nll / n)
+    return _exp(nll / n)
 
 
 @dataclass(frozen=True)
@@ -149,15 +157,15 @@ class LossTotals:
 
     @property
     def token_perplexity(self) -> float:
-        return math.exp(self._ratio("n_tokens"))
+        return _exp(self._ratio("n_tokens"))
 
     @property
     def byte_perplexity(self) -> float:
-        return math.exp(self._ratio("n_bytes"))
+        return _exp(self._ratio("n_bytes"))
 
     @property
     def word_perplexity(self) -> float:
-        return math.exp(self._ratio("n_words"))
+        return _exp(self._ratio("n_words"))
 
     @property
     def bits_per_byte(self) -> float:
@@ -173,6 +181,6 @@ class LossTotals:
         for name in ("token_perplexity", "byte_perplexity", "word_perplexity", "bits_per_byte"):
             try:
                 out[name] = getattr(self, name)
-            except (ValueError, OverflowError):
+            except ValueError:
                 pass
         return out

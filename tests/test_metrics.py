@@ -76,3 +76,10 @@ def test_all_reduce_single_process_gloo(tmp_path):
         assert t.all_reduce() == t
     finally:
         dist.destroy_process_group()
+
+
+def test_perplexity_past_float_range_is_inf_not_an_error():
+    # found by hypothesis: a mean NLL of 710 nats overflows exp(); the honest float is inf
+    t = LossTotals(710.0, 1, 1, 1, 1)
+    assert t.token_perplexity == math.inf and perplexity(710.0, 1) == math.inf
+    assert t.bits_per_byte == pytest.approx(710 / math.log(2))
