@@ -1,9 +1,248 @@
-"""Fused linear cross-entropy (stub: linear helper owns it)."""
+"""Fused linear cross-entropy: per-token NLL from hidden states and the output head, never
+building the (N, V) logits. Cut Cross-Entropy (Wijmans et al., 2024, arXiv:2411.09009) showed
+the loss needs only one tile of them at a time; this is that idea on the CPU (torch matmuls into
+one reused tile) and on CUDA (lmloss/ops/linear_triton.py, the tile never leaves the chip).
+
+The identities everything here relies on, per row n, over vocabulary blocks b:
+    z = h @ W.T + bias                           # logits, one (rows, cols) tile at a time
+    z = softcap * tanh(z / softcap)              # when softcap is given (Gemma-2 style)
+    L <- L + log1p(sum(exp(z_b - L)))            # online lse over blocks; L = the running lse
+    nll = lse - z[target]                        # z[target] picked from the tile that holds it
+    dz = (softmax(z) - onehot(target)) * grad    # backward, recomputed tile by tile from lse
+"""
+import torch
+
+# One tile of logits is at most this many float32 elements (64 MiB: 8192 rows x 2048 vocabulary
+# entries, under 5% of the logits at N=8192, V=50257). On this project's 2-core CPU, 8192 x 2048
+# tiles ran 1.3-1.8x faster than 8192 x 512 ones and than 2048-row ones (MKL's sgemm wants many
+# rows; fewer, larger tiles also lose less to other processes preempting one of the two threads).
+_TILE_ELEMS = 1 << 24
+_DEFAULT_CHUNK = 2048
 
 
-def linear_token_nll(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, chunk_size=None, impl="auto"):
-    raise NotImplementedError
+def linear_token_nll(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None,
+                     chunk_size=None, impl="auto"):
+    """Per-token negative log-likelihood in nats, without materializing the logits. Same as
+    F.cross_entropy((hidden @ weight.T + bias).float(), targets, ignore_index=ignore_index,
+    reduction="none") (logits z replaced by softcap * tanh(z / softcap) when softcap is given).
+    hidden (..., d) float; weight (V, d) same dtype; bias (V,) or None; targets (...) int64
+    -> (...) float32 (float64 for float64 inputs), 0.0 where ignored.
+    chunk_size: vocabulary entries per block (default 2048); one block of logits for at most
+    8192 rows (64 MiB) exists at a time. impl: "auto" (Triton on CUDA, else "chunked"),
+    "chunked" (torch matmuls, any device) or "triton". Never writes to its inputs."""
+    h2, t1 = _check(hidden, weight, targets, bias, ignore_index, softcap)
+    with torch.no_grad():
+        lse, target_logit = _forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl)
+        nll = torch.where(t1 == ignore_index, 0.0, lse - target_logit)
+    return nll.reshape(targets.shape)
 
 
-def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, reduction="mean", chunk_size=None, impl="auto"):
-    raise NotImplementedError
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None,
+                         reduction="mean", chunk_size=None, impl="auto"):
+    """Differentiable fused linear cross-entropy for training loops. Same as
+    F.cross_entropy((hidden @ weight.T + bias).float(), targets, ignore_index=ignore_index,
+    reduction=reduction) with optional softcap. The backward recomputes each tile of logits
+    from the saved per-row log-sum-exp; gradients for hidden, weight and bias are accumulated
+    in float32 and returned in their input dtype. Nothing of size N x V is kept.
+    reduction: "mean" (over non-ignored tokens; NaN when all are ignored, like torch), "sum",
+    or "none" (shape of targets). impl as in linear_token_nll (the backward is always chunked)."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    h2, t1 = _check(hidden, weight, targets, bias, ignore_index, softcap)
+    nll = _LinearNLL.apply(h2, weight, bias, t1, ignore_index, softcap, chunk_size, impl)
+    if reduction == "none":
+        return nll.reshape(targets.shape)
+    if reduction == "sum":
+        return nll.sum()
+    return nll.sum() / (t1 != ignore_index).sum()
+
+
+class _LinearNLL(torch.autograd.Function):
+    """Per-token NLL (N,) with a chunked backward; reductions are plain torch ops outside."""
+
+    @staticmethod
+    def forward(ctx, h2, weight, bias, t1, ignore_index, softcap, chunk_size, impl):
+        lse, target_logit = _forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl)
+        ctx.save_for_backward(h2, weight, bias, t1, lse)
+        ctx.options = (ignore_index, softcap, chunk_size)
+        return torch.where(t1 == ignore_index, 0.0, lse - target_logit)
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        h2, weight, bias, t1, lse = ctx.saved_tensors
+        ignore_index, softcap, chunk_size = ctx.options
+        want = ctx.needs_input_grad
+        grads = _backward_chunked(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap,
+                                  chunk_size, want[0], want[1], bias is not None and want[2])
+        return (*grads, None, None, None, None, None)
+
+
+def _check(hidden, weight, targets, bias, ignore_index, softcap):
+    """Validate the inputs; return hidden as (N, d) and targets as (N,)."""
+    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if x is not None and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"{name} must be a floating-point tensor, got {got}; "
+                            f"cast it with .float() or .to(torch.bfloat16)")
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64:
+        got = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise TypeError(f"targets must be an int64 tensor, got {got}; use targets.long()")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, d), got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden (..., d) and weight (V, d) must share d: got hidden "
+                         f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        got = (hidden.dtype, weight.dtype) + (() if bias is None else (bias.dtype,))
+        raise TypeError(f"hidden, weight and bias must share one dtype, got {got}; "
+                        f"cast hidden to weight.dtype (what the model's head would do)")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if len({x.device for x in (hidden, weight, targets) + ((bias,) if bias is not None else ())}) > 1:
+        raise ValueError("hidden, weight, bias and targets must be on one device")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    t1 = targets.reshape(-1)
+    V = weight.shape[0]
+    bad = (t1 != ignore_index) & ((t1 < 0) | (t1 >= V))
+    if bool(bad.any()):
+        first = int(t1[bad][0])
+        raise ValueError(f"targets must be in [0, {V}) or ignore_index={ignore_index}, "
+                         f"found {first}; the tokenizer and the output head disagree")
+    return hidden.reshape(-1, hidden.shape[-1]), t1
+
+
+def _forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl):
+    """-> (lse, target_logit), both (N,) in the compute dtype, from the implementation asked for."""
+    if impl == "auto":
+        impl = "triton" if h2.is_cuda else "chunked"
+    impls = {"chunked": _forward_chunked, "triton": _forward_triton}
+    if impl not in impls:
+        raise ValueError(f"impl must be one of {['auto', *impls]}, got {impl!r}")
+    return impls[impl](h2, weight, t1, bias, ignore_index, softcap, chunk_size)
+
+
+def _forward_triton(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
+    from lmloss.ops.linear_triton import linear_lse_target  # needs triton (pip install triton)
+    return linear_lse_target(h2, weight, t1, bias, softcap=softcap)
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _blocks(N, V, chunk_size):
+    """Rows and vocabulary entries per tile: (rows, cols) with rows * cols <= _TILE_ELEMS."""
+    cols = min(V, chunk_size or _DEFAULT_CHUNK)
+    if cols < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    rows = max(1, min(N, _TILE_ELEMS // cols))
+    return rows, cols
+
+
+def _logits_tile(buf, h, w_block, b_block, softcap, shift=None):
+    """z - shift[:, None] into buf, z = h @ w_block.T (+ b_block) (softcapped): -> (rows, cols)
+    view of buf. Without bias or softcap the shift rides in the matmul (addmm, no extra pass)."""
+    tile = buf[: h.shape[0] * w_block.shape[0]].view(h.shape[0], w_block.shape[0])
+    if b_block is None and softcap is None and shift is not None:
+        return torch.addmm(shift[:, None], h, w_block.T, beta=-1, out=tile)
+    if b_block is None:
+        torch.mm(h, w_block.T, out=tile)
+    else:
+        torch.addmm(b_block, h, w_block.T, out=tile)
+    if softcap is not None:
+        tile.div_(softcap).tanh_().mul_(softcap)
+    return tile if shift is None else tile.sub_(shift[:, None])
+
+
+def _forward_chunked(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
+    """Online log-sum-exp over vocabulary blocks, one (rows, cols) tile of logits at a time.
+    The running lse L of the blocks so far is the shift for the next block:
+        L <- L + log1p(sum(exp(z - L)))        # = log(exp(L) + sum(exp(z)))
+    so a tile costs its matmul (the shift rides in addmm), one exp pass and one sum pass: no
+    max pass. exp(z - L) overflows only where a block holds a logit more than ~88 nats above
+    every earlier one; those rows (s = inf) are redone with their exact block max."""
+    N, V = h2.shape[0], weight.shape[0]
+    dt = _compute_dtype(h2.dtype)
+    rows, cols = _blocks(N, V, chunk_size)
+    lse = torch.empty(N, dtype=dt, device=h2.device)
+    target_logit = torch.zeros(N, dtype=dt, device=h2.device)
+    buf = torch.empty(rows * cols, dtype=dt, device=h2.device)
+    for r0 in range(0, N, rows):
+        h = h2[r0:r0 + rows].to(dt)  # a copy only for bf16/fp16 hidden: upcast once per row block
+        t = t1[r0:r0 + rows]
+        L = None  # (rows,) running lse
+        for c0 in range(0, V, cols):
+            w_block = weight[c0:c0 + cols].to(dt)
+            b_block = None if bias is None else bias[c0:c0 + cols].to(dt)
+            if L is None:  # 1. first block: shift by its exact row max
+                z = _logits_tile(buf, h, w_block, b_block, softcap)
+                shift = z.amax(dim=1)
+                z.sub_(shift[:, None])
+            else:
+                shift = L
+                z = _logits_tile(buf, h, w_block, b_block, softcap, shift)  # (rows, cols) z - L
+            # 2. the target logit, from the tile that holds it (same rounding as the lse)
+            t_local = t - c0
+            here = (t_local >= 0) & (t_local < z.shape[1])
+            picked = z.gather(1, t_local.clamp(0, z.shape[1] - 1)[:, None])[:, 0] + shift
+            target_logit[r0:r0 + rows] += torch.where(here, picked, 0.0)
+            # 3. s = sum(exp(z - shift)), in place on the tile
+            s = z.exp_().sum(dim=1)
+            if L is None:
+                L = shift + torch.log(s)
+                continue
+            L_new = L + torch.log1p(s)
+            redo = (~torch.isfinite(s)).nonzero()[:, 0]
+            if redo.numel():  # exp overflowed: exact lse of this block for those rows
+                z_redo = h[redo] @ w_block.T
+                if b_block is not None:
+                    z_redo += b_block
+                if softcap is not None:
+                    z_redo = softcap * torch.tanh(z_redo / softcap)
+                L_new[redo] = torch.logaddexp(L[redo], torch.logsumexp(z_redo, dim=1))
+            L = L_new
+        lse[r0:r0 + rows] = L
+    return lse, target_logit
+
+
+def _backward_chunked(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap, chunk_size,
+                      want_h, want_w, want_b):
+    """dz = (exp(z - lse) - onehot(target)) * grad_nll (times 1 - tanh^2 under softcap), tile by
+    tile; dh = dz @ W, dW = dz.T @ h, dbias = dz.sum(0), all accumulated in float32."""
+    N, V = h2.shape[0], weight.shape[0]
+    dt = _compute_dtype(h2.dtype)
+    rows, cols = _blocks(N, V, chunk_size)
+    g = torch.where(t1 == ignore_index, 0.0, grad_nll.to(dt))  # (N,)
+    dh = torch.zeros(N, h2.shape[1], dtype=dt, device=h2.device) if want_h else None
+    dw = torch.zeros(V, h2.shape[1], dtype=dt, device=h2.device) if want_w else None
+    db = torch.zeros(V, dtype=dt, device=h2.device) if want_b else None
+    buf = torch.empty(rows * cols, dtype=dt, device=h2.device)
+    for r0 in range(0, N, rows):
+        h = h2[r0:r0 + rows].to(dt)  # (rows, d)
+        t, g_rows, lse_rows = t1[r0:r0 + rows], g[r0:r0 + rows, None], lse[r0:r0 + rows, None]
+        for c0 in range(0, V, cols):
+            w_block = weight[c0:c0 + cols].to(dt)
+            b_block = None if bias is None else bias[c0:c0 + cols].to(dt)
+            if softcap is None:  # softmax exp(z - lse), in place on the tile
+                z = dz = _logits_tile(buf, h, w_block, b_block, None, lse_rows[:, 0]).exp_()
+            else:
+                z = _logits_tile(buf, h, w_block, b_block, softcap)  # (rows, cols), capped
+                dz = torch.exp(z - lse_rows)
+            t_local = t - c0
+            here = ((t_local >= 0) & (t_local < z.shape[1])).nonzero()[:, 0]
+            dz[here, t_local[here]] -= 1.0
+            dz.mul_(g_rows)
+            if softcap is not None:  # d(c * tanh(x / c))/dx = 1 - (z / c)^2
+                dz.mul_(1.0 - z.div_(softcap).square_())
+            if want_h:
+                dh[r0:r0 + rows].addmm_(dz, w_block)
+            if want_w:
+                dw[c0:c0 + cols].addmm_(dz.T, h)
+            if want_b:
+                db[c0:c0 + cols] += dz.sum(dim=0)
+    cast = lambda x, like: None if x is None else x.to(like.dtype)
+    return cast(dh, h2), cast(dw, weight), (cast(db, bias) if bias is not None else None)

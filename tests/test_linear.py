@@ -1,0 +1,264 @@
+"""Fused linear cross-entropy against a float64 reference written here, independent of lmloss."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmloss
+import lmloss.ops.linear as linear_mod
+
+
+def reference_nll(hidden, weight, targets, bias=None, softcap=None, ignore_index=-100):
+    """float64 NLL per token: logsumexp(z) - z[target], z = h @ W.T + b (softcapped); 0 if ignored."""
+    h = hidden.double().reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    z = torch.cat([h @ w.double().T for w in weight.split(8192)], dim=1)  # (N, V), no f64 W copy
+    if bias is not None:
+        z += bias.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    keep = t != ignore_index
+    nll = torch.logsumexp(z, dim=1) - z.gather(1, torch.where(keep, t, 0)[:, None])[:, 0]
+    return torch.where(keep, nll, 0.0).reshape(targets.shape)
+
+
+def torch_nll(hidden, weight, targets, bias=None, softcap=None, ignore_index=-100):
+    """What plain PyTorch gives in the inputs' own dtype (the logits rounded to that dtype)."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    z = z.float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return F.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1),
+                           ignore_index=ignore_index, reduction="none").reshape(targets.shape)
+
+
+def make(N, d, V, *, dtype=torch.float32, scale=10.0, bias=False, n_ignored=3, seed=0):
+    """hidden (N, d), weight (V, d) with logits of standard deviation ~scale, targets with ignores."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, d, generator=g).to(dtype)
+    weight = (torch.randn(V, d, generator=g) * (scale / math.sqrt(d))).to(dtype)
+    b = (torch.randn(V, generator=g) * scale).to(dtype) if bias else None
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[torch.randperm(N, generator=g)[:n_ignored]] = -100
+    return hidden, weight, b, targets
+
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-3, torch.float16: 1e-3, torch.float64: 1e-10}
+
+
+def assert_no_worse_than_torch(out, hidden, weight, targets, bias=None, softcap=None):
+    """CCE's rule: |fast - f64| <= |torch in the same dtype - f64| + tol, token by token."""
+    ref = reference_nll(hidden, weight, targets, bias, softcap)
+    err_fast = (out.double() - ref).abs()
+    err_torch = (torch_nll(hidden, weight, targets, bias, softcap).double() - ref).abs()
+    assert out.dtype == torch.float32 and out.shape == targets.shape
+    assert (err_fast <= err_torch + TOL[hidden.dtype]).all(), (err_fast.max(), err_torch.max())
+    assert torch.all(out[targets == -100] == 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_matches_reference(dtype, bias, softcap):
+    hidden, weight, b, targets = make(37, 64, 50257, dtype=dtype, bias=bias)
+    before = [x.clone() for x in (hidden, weight, targets)]
+    out = lmloss.linear_token_nll(hidden, weight, targets, bias=b, softcap=softcap)
+    assert_no_worse_than_torch(out, hidden, weight, targets, b, softcap)
+    assert all(torch.equal(x, y) for x, y in zip((hidden, weight, targets), before))
+
+
+@pytest.mark.parametrize("N,d,V,scale", [
+    (16, 1024, 50257, 30.0),
+    (16, 256, 151936, 10.0),
+    (8, 64, 262144, 1.0),
+    pytest.param(8, 640, 262144, 30.0, marks=pytest.mark.slow),  # Gemma-3-270m's head
+    pytest.param(8, 1024, 262144, 10.0, marks=pytest.mark.slow),
+])
+def test_vocabulary_and_hidden_sizes(N, d, V, scale):
+    hidden, weight, b, targets = make(N, d, V, scale=scale, n_ignored=1)
+    out = lmloss.linear_token_nll(hidden, weight, targets, chunk_size=4096)
+    assert_no_worse_than_torch(out, hidden, weight, targets)
+
+
+@pytest.mark.slow
+def test_bf16_large_vocab_with_bias_and_softcap():
+    hidden, weight, b, targets = make(8, 256, 262144, dtype=torch.bfloat16, bias=True, n_ignored=2)
+    out = lmloss.linear_token_nll(hidden, weight, targets, bias=b, softcap=30.0)
+    assert_no_worse_than_torch(out, hidden, weight, targets, b, 30.0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 100, 1000, 5000])
+def test_block_boundaries(monkeypatch, chunk_size):
+    """Tiles that split rows and columns unevenly; a tiny tile budget forces many row blocks."""
+    monkeypatch.setattr(linear_mod, "_TILE_ELEMS", 3000)
+    hidden, weight, b, targets = make(23, 16, 1000, dtype=torch.float64, bias=True)
+    out = lmloss.linear_token_nll(hidden, weight, targets, bias=b, chunk_size=chunk_size)
+    ref = reference_nll(hidden, weight, targets, b)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+
+
+def test_leading_shape_and_non_contiguous_hidden():
+    """(B, T, d) hidden sliced [:, :-1] as in next-token shifting; targets (B, T-1)."""
+    hidden, weight, _, _ = make(3 * 11, 32, 5003)
+    hidden = hidden.reshape(3, 11, 32)[:, :-1]
+    targets = torch.randint(0, 5003, (3, 10))
+    targets[1, 4] = -100
+    assert not hidden.is_contiguous()
+    out = lmloss.linear_token_nll(hidden, weight, targets)
+    assert out.shape == (3, 10)
+    assert_no_worse_than_torch(out, hidden, weight, targets)
+
+
+def test_uniform_logits_give_log_v():
+    hidden, weight = torch.randn(5, 8), torch.zeros(50257, 8)
+    out = lmloss.linear_token_nll(hidden, weight, torch.tensor([0, 1, 50256, 7, 123]))
+    torch.testing.assert_close(out, torch.full((5,), math.log(50257)), rtol=1e-6, atol=0)
+
+
+def test_ignore_index_and_all_ignored():
+    hidden, weight, _, _ = make(6, 16, 300)
+    targets = torch.tensor([3, 5, 7, 7, 1, 2])
+    out = lmloss.linear_token_nll(hidden, weight, targets, ignore_index=7)
+    assert out[2] == 0.0 and out[3] == 0.0 and (out[[0, 1, 4, 5]] > 0).all()
+    none = torch.full((6,), -100)
+    assert torch.equal(lmloss.linear_token_nll(hidden, weight, none), torch.zeros(6))
+    mean = lmloss.linear_cross_entropy(hidden, weight, none)
+    assert math.isnan(mean) and math.isnan(F.cross_entropy(hidden @ weight.T, none))
+
+
+def test_nan_in_hidden_gives_nan_for_that_token():
+    hidden, weight, _, targets = make(4, 16, 300, n_ignored=0)
+    hidden[2, 0] = float("nan")
+    out = lmloss.linear_token_nll(hidden, weight, targets)
+    assert out[2].isnan() and out[[0, 1, 3]].isfinite().all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_gradcheck_float64(monkeypatch, bias, softcap):
+    monkeypatch.setattr(linear_mod, "_TILE_ELEMS", 20)  # several row blocks, several col blocks
+    hidden, weight, b, targets = make(7, 5, 23, dtype=torch.float64, bias=bias, n_ignored=2)
+    args = [x.requires_grad_() for x in (hidden, weight) + ((b,) if bias else ())]
+    for reduction in ("mean", "sum", "none"):
+        fn = lambda h, w, *bb: lmloss.linear_cross_entropy(
+            h, w, targets, bias=bb[0] if bb else None, softcap=softcap, reduction=reduction,
+            chunk_size=6)
+        assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_gradients_against_float64_autograd(dtype, softcap):
+    hidden, weight, b, targets = make(33, 64, 8191, dtype=dtype, bias=True, n_ignored=5)
+    before = [x.clone() for x in (hidden, weight, b, targets)]
+    ins = [x.clone().requires_grad_() for x in (hidden, weight, b)]
+    loss = lmloss.linear_cross_entropy(*ins[:2], targets, bias=ins[2], softcap=softcap)
+    loss.backward()
+    ref_ins = [x.double().requires_grad_() for x in (hidden, weight, b)]
+    ref_loss = reference_nll(*ref_ins[:2], targets, ref_ins[2], softcap).sum() / (targets != -100).sum()
+    ref_loss.backward()
+    torch_ins = [x.clone().requires_grad_() for x in (hidden, weight, b)]
+    torch_nll(*torch_ins[:2], targets, torch_ins[2], softcap).sum().div((targets != -100).sum()).backward()
+    assert abs(loss.item() - ref_loss.item()) < TOL[dtype] + abs(ref_loss.item()) * 1e-6
+    for mine, ref, plain in zip(ins, ref_ins, torch_ins):
+        assert mine.grad.dtype == dtype
+        err = (mine.grad.double() - ref.grad).abs().max()
+        err_torch = (plain.grad.double() - ref.grad).abs().max()
+        assert err <= err_torch + 1e-5 * ref.grad.abs().max(), (err, err_torch)
+    assert all(torch.equal(x, y) for x, y in zip((hidden, weight, b, targets), before))
+
+
+def test_only_hidden_needs_grad():
+    hidden, weight, _, targets = make(9, 16, 300, dtype=torch.float64)
+    h = hidden.clone().requires_grad_()
+    lmloss.linear_cross_entropy(h, weight, targets, reduction="sum").backward()
+    ref_h = hidden.clone().requires_grad_()
+    reference_nll(ref_h, weight, targets).sum().backward()
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_errors_are_clear():
+    hidden, weight, _, targets = make(4, 8, 50)
+    with pytest.raises(ValueError, match="share d"):
+        lmloss.linear_token_nll(hidden, weight[:, :7], targets)
+    with pytest.raises(ValueError, match="leading shape"):
+        lmloss.linear_token_nll(hidden, weight, targets[:3])
+    with pytest.raises(TypeError, match="one dtype"):
+        lmloss.linear_token_nll(hidden.bfloat16(), weight, targets)
+    with pytest.raises(TypeError, match="floating-point"):
+        lmloss.linear_token_nll(hidden.long(), weight.long(), targets)
+    with pytest.raises(TypeError, match="int64"):
+        lmloss.linear_token_nll(hidden, weight, targets.int())
+    with pytest.raises(ValueError, match=r"in \[0, 50\)"):
+        lmloss.linear_token_nll(hidden, weight, torch.tensor([1, 2, 50, 3]))
+    with pytest.raises(ValueError, match="bias"):
+        lmloss.linear_token_nll(hidden, weight, targets, bias=torch.zeros(49))
+    with pytest.raises(ValueError, match="impl"):
+        lmloss.linear_token_nll(hidden, weight, targets, impl="nope")
+    with pytest.raises(ValueError, match="reduction"):
+        lmloss.linear_cross_entropy(hidden, weight, targets, reduction="avg")
+    with pytest.raises(ValueError, match="softcap"):
+        lmloss.linear_token_nll(hidden, weight, targets, softcap=-1.0)
+
+
+_TRITON_SCRIPT = textwrap.dedent("""
+    import torch, lmloss, test_linear as T
+    cases = [(torch.float32, False, None, 19, 40, 301), (torch.float32, True, 5.0, 70, 33, 1000),
+             (torch.bfloat16, True, None, 19, 40, 301), (torch.float16, False, 5.0, 5, 16, 77)]
+    for dtype, bias, softcap, N, d, V in cases:
+        hidden, weight, b, targets = T.make(N, d, V, dtype=dtype, bias=bias)
+        before = [x.clone() for x in (hidden, weight, targets)]
+        out = lmloss.linear_token_nll(hidden, weight, targets, bias=b, softcap=softcap, impl="triton")
+        T.assert_no_worse_than_torch(out, hidden, weight, targets, b, softcap)
+        assert all(torch.equal(x, y) for x, y in zip((hidden, weight, targets), before))
+        h = hidden.clone().requires_grad_()
+        lmloss.linear_cross_entropy(h, weight, targets, bias=b, softcap=softcap, impl="triton").backward()
+        assert h.grad.isfinite().all()
+    print("triton ok")
+""")
+
+
+def test_triton_kernel_in_interpreter():
+    """The Triton path on the CPU: TRITON_INTERPRET=1 must be set before triton is imported."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and "triton ok" in run.stdout, run.stderr[-3000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_on_cuda(dtype):
+    hidden, weight, b, targets = make(1000, 768, 50257, dtype=dtype, bias=True)
+    out = lmloss.linear_token_nll(hidden.cuda(), weight.cuda(), targets.cuda(), bias=b.cuda(),
+                                  softcap=30.0, impl="triton").cpu()
+    assert_no_worse_than_torch(out, hidden, weight, targets, b, 30.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logit_jumping_far_above_earlier_blocks(dtype):
+    """A late vocabulary block whose logits exceed every earlier one by hundreds of nats (the
+    exp(z - running lse) overflow path) and a row whose logits fall instead."""
+    hidden, weight, b, targets = make(6, 16, 3000, dtype=dtype, scale=1.0, n_ignored=0)
+    weight[2900] = hidden[0] * 20  # z[0, 2900] = 20 |h_0|^2, about 300 nats above the rest
+    weight[2950] = hidden[1] * 60
+    weight[5] = hidden[2] * 60  # row 2: the first block holds the max
+    targets[:3] = torch.tensor([2900, 17, 5])
+    out = lmloss.linear_token_nll(hidden, weight, targets, chunk_size=256)
+    ref = reference_nll(hidden, weight, targets)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+    out_b = lmloss.linear_token_nll(hidden, weight, targets, bias=torch.zeros_like(weight[:, 0]),
+                                    softcap=500.0, chunk_size=256)
+    torch.testing.assert_close(out_b.double(), reference_nll(hidden, weight, targets, softcap=500.0),
+                               rtol=1e-5, atol=1e-4)
