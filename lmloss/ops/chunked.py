@@ -44,9 +44,13 @@ def _block_rows(logits: torch.Tensor, itemsize: int) -> int:
     return max(1, min(logits.shape[0], budget // (logits.shape[1] * itemsize)))
 
 
-def _single_threaded(fn, start, end):
+def _single_threaded(fn, start, end, inference):
     torch.set_num_threads(1)  # this worker thread's intra-op threads (OpenMP's setting is per thread)
-    with torch.no_grad():  # grad mode is per thread; the caller's autograd.Function runs without it
+    # Grad and inference mode are per thread: the caller's autograd.Function runs without grad, and
+    # under the caller's torch.inference_mode() its buffers are inference tensors that only a thread
+    # in inference mode may write (https://github.com/pytorch/rfcs/pull/17). This order, because
+    # inference_mode(False) turns grad mode back on.
+    with torch.inference_mode(inference), torch.no_grad():
         return fn(start, end)
 
 
@@ -67,7 +71,8 @@ def _parallel_rows(fn, n_rows: int, block_rows: int, device: torch.device) -> No
             _pool, _pool_workers = ThreadPoolExecutor(len(ranges), thread_name_prefix="lmloss-chunked"), len(ranges)
         pool = _pool
     try:
-        futures = [pool.submit(_single_threaded, fn, s, e) for s, e in ranges]
+        inference = torch.is_inference_mode_enabled()
+        futures = [pool.submit(_single_threaded, fn, s, e, inference) for s, e in ranges]
         for f in futures:
             f.result()
     finally:

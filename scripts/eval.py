@@ -1,0 +1,214 @@
+"""Evaluate a causal language model on a corpus: token, byte and word perplexity, bits per byte.
+
+    python scripts/eval.py --model gpt2 --dataset wikitext                 # lm-eval's wikitext task
+    python scripts/eval.py --model gpt2 --preset hf-sliding                # the HF perplexity guide
+    # offline, with the shared assets
+    LMLOSS_DATA_DIR=../shared/assets/corpora python scripts/eval.py \
+        --model ../shared/assets/models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --preset lm-eval --max-length 1024 --output results.json --plot results.png
+
+Presets are flat TOML files in configs/ (`--preset lm-eval` reads configs/lm-eval.toml, a path to a
+.toml file works too); their keys are the long options below with "_" for "-", applied as defaults
+so that the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", default=os.environ.get("LMLOSS_MODEL") or "gpt2",
+      help="hub name, local folder or .gguf file (default: $LMLOSS_MODEL, else gpt2)")
+    a("--dataset", default="wikitext", help="corpus name (wikitext, lambada) or a .txt/.jsonl/.parquet path")
+    a("--tokenizer", help="tokenizer spec (default: the model's)")
+    a("--preset", help=f"configs/<name>.toml: {', '.join(sorted(f.stem for f in CONFIGS.glob('*.toml')))}")
+    a("--plan", choices=("lm-eval", "sliding"), default="lm-eval", help="window plan (lmloss.windows)")
+    a("--form", help="corpus form: pages, rows or stream (default: the corpus's own)")
+    a("--detokenize", action=argparse.BooleanOptionalAction, default=False,
+      help="apply lm-evaluation-harness's WikiText detokenizer; counts stay on the original text")
+    a("--data-dir", default=os.environ.get("LMLOSS_DATA_DIR"),
+      help="offline corpora folder (default: $LMLOSS_DATA_DIR)")
+    a("--max-length", type=int, help="model inputs per window (default: the model's context length)")
+    a("--stride", type=int, help="sliding plan: how far windows move (default max_length // 2)")
+    a("--bos-every-window", action=argparse.BooleanOptionalAction, default=False,
+      help="put BOS (else EOS) at the start of every window")
+    a("--batch-size", type=int, default=4, help="windows per forward pass")
+    a("--head-impl", choices=("fused", "logits"), default="fused",
+      help="output head + loss: fused linear cross-entropy, or logits of the scored rows + token_nll")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    a("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    a("--limit", type=int, help="score only the first N documents")
+    a("--output", help="write results as JSON here (atomically)")
+    a("--plot", help="PNG: mean NLL by position in the window, and bits per byte per document")
+    a("--token-nll", help="write every scored token's NLL (nats) per document to this .npz file")
+    a("--bootstrap", type=int, default=1000, help="bootstrap resamples over documents (0: none)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """argparse, with the preset's keys as defaults (the command line wins)."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.preset:
+        path = Path(known.preset) if known.preset.endswith(".toml") else CONFIGS / f"{known.preset}.toml"
+        if not path.is_file():
+            names = ", ".join(sorted(f.stem for f in CONFIGS.glob("*.toml")))
+            parser.error(f"unknown preset {known.preset!r}: no {path}; presets: {names}")
+        preset = tomllib.loads(path.read_text())
+        dests = {a.dest for a in parser._actions}
+        unknown = sorted(set(preset) - dests)
+        if unknown:
+            parser.error(f"preset {path} has unknown keys {unknown}; keys are option names with '_'")
+        parser.set_defaults(**preset)
+    args = parser.parse_args(argv)
+    if args.stride is not None and (args.stride < 1 or (args.max_length and args.stride > args.max_length)):
+        parser.error(f"--stride must be between 1 and --max-length ({args.max_length}), got {args.stride}")
+    if args.max_length is not None and args.max_length < 1:
+        parser.error(f"--max-length must be positive, got {args.max_length}")
+    if args.stride is not None and args.plan != "sliding":
+        parser.error(f"--stride is for --plan sliding; plan {args.plan!r} moves by --max-length")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be positive, got {args.batch_size}")
+    return args
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON to a temporary file beside `path`, then rename it over `path`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_table(result, ci: dict) -> str:
+    t = result.totals
+    rows = [("token_perplexity", f"exp(nll_nats / n_tokens) = exp({t.nll_nats:.4f} / {t.n_tokens})"),
+            ("byte_perplexity", f"exp(nll_nats / n_bytes)  = exp({t.nll_nats:.4f} / {t.n_bytes})"),
+            ("word_perplexity", f"exp(nll_nats / n_words)  = exp({t.nll_nats:.4f} / {t.n_words})"),
+            ("bits_per_byte", f"nll_nats / (ln 2 * n_bytes) = {t.nll_nats:.4f} / (ln 2 * {t.n_bytes})")]
+    metrics = result.metrics()
+    lines = [f"{'metric':17s} {'value':>12s}  {'95% CI (bootstrap over documents)':34s} from the sums"]
+    for name, how in rows:
+        value = f"{metrics[name]:12.6f}" if name in metrics else f"{'n/a':>12s}"
+        lo_hi = f"[{ci[name][0]:.6f}, {ci[name][1]:.6f}]" if name in ci else "n/a"
+        lines.append(f"{name:17s} {value}  {lo_hi:34s} {how}")
+    return "\n".join(lines)
+
+
+def save_plot(path: str, result) -> None:
+    """Mean NLL by input position of the prediction, and bits per byte of each document."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    pos = [(i, s / c) for i, (s, c) in enumerate(zip(result.position_nll_nats, result.position_count)) if c]
+    ax1.plot([p for p, _ in pos], [v for _, v in pos], lw=0.8)
+    ax1.set(xlabel="input position of the prediction in the window (0: predicted from one input)",
+            ylabel="mean NLL (nats)",
+            title="loss by context length")
+    docs = [d for d in result.documents if d["n_bytes"] and d["n_tokens"]]
+    ax2.bar([d["index"] for d in docs], [d["nll_nats"] / (math.log(2) * d["n_bytes"]) for d in docs])
+    ax2.axhline(result.totals.bits_per_byte, color="k", lw=0.8, ls="--", label="all documents")
+    ax2.set(xlabel="document", ylabel="bits per byte", title="bits per byte by document")
+    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax2.legend(loc="lower right")
+    fig.suptitle(f"{result.config['model']} - {result.config.get('dataset', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args) -> dict:
+    import torch
+    import transformers
+
+    import lmloss
+    from lmloss.evaluate import bootstrap_ci
+
+    docs = lmloss.load_corpus(args.dataset, form=args.form, data_dir=args.data_dir,
+                              detokenize=args.detokenize, limit=args.limit)
+    if not docs:
+        raise ValueError(f"no documents in {args.dataset!r} after --limit {args.limit}")
+    tokenizer = lmloss.load_tokenizer(args.tokenizer or args.model)
+    model = lmloss.load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.max_length and model.context_length and args.max_length > model.context_length:
+        raise ValueError(f"--max-length {args.max_length} is above the context length of {args.model} "
+                         f"({model.context_length}); pass --max-length {model.context_length} or less")
+    if args.stride is not None and args.stride > (args.max_length or model.context_length or args.stride):
+        raise ValueError(f"--stride {args.stride} is above --max-length "
+                         f"{args.max_length or model.context_length}; pass a smaller --stride")
+    result = lmloss.evaluate(model, tokenizer, docs, plan=args.plan, max_length=args.max_length,
+                             stride=args.stride, every_window=args.bos_every_window,
+                             batch_size=args.batch_size, head_impl=args.head_impl,
+                             keep_token_nll=bool(args.token_nll),
+                             progress=not args.no_progress)
+    result.config.update(dataset=args.dataset, form=args.form, detokenize=args.detokenize, limit=args.limit)
+    ci = bootstrap_ci(result.documents, n_resamples=args.bootstrap) if args.bootstrap else {}
+    out = dict(config=dict(vars(args), resolved=result.config),
+               versions=dict(lmloss=lmloss.__version__, torch=torch.__version__,
+                             transformers=transformers.__version__, python=platform.python_version()),
+               totals=result.totals.to_dict(), metrics=result.metrics(),
+               confidence_intervals={k: list(v) for k, v in ci.items()},
+               elapsed_s=result.elapsed_s, tokens_per_s=result.tokens_per_s, notes=result.notes,
+               documents=result.documents)
+    print(f"\n{model.name} on {args.dataset} ({len(docs)} documents, {len(result.windows)} windows, "
+          f"plan {args.plan}, max_length {result.config['max_length']}): {result.totals.n_tokens} tokens "
+          f"in {result.elapsed_s:.1f} s ({result.tokens_per_s:.0f} tokens/s)")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(format_table(result, ci))
+    if args.output:
+        write_json_atomic(args.output, out)
+        print(f"results: {args.output}")
+    if args.token_nll:
+        import numpy as np
+
+        np.savez(args.token_nll, **{f"doc_{i}": t.numpy() for i, t in enumerate(result.token_nll)})
+        print(f"per-token NLL: {args.token_nll}")
+    if args.plot:
+        save_plot(args.plot, result)
+        print(f"plot: {args.plot}")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as err:  # a user's input: a message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The evaluation loop against float64 references written here, the HF guide's own labels= loss,
+and, for the real SmolLM2 model, lm-evaluation-harness's number."""
+import math
+import random
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lmloss.data import Document
+from lmloss.evaluate import bootstrap_ci, evaluate
+from lmloss.models import load_model
+
+VOCAB, BOS, EOS = 259, 256, 257
+
+
+class ByteTokenizer:
+    """Token ids are UTF-8 bytes; 256 is BOS, 257 EOS."""
+
+    name, vocab_size, bos_id, eos_id = "bytes", VOCAB, BOS, EOS
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """A model this small gains nothing from threads, and loses a lot when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=2, n_head=4)
+    return load_model(GPT2LMHeadModel(cfg), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def docs():
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "é", "on", "mat", "\n", "naïve", "42"]
+    lengths = [0, 1, 2, 17, 40, 64, 65, 130, 33, 200]
+    return [Document(" ".join(rng.choice(words) for _ in range(n // 3 + (n > 0))), name=f"d{i}")
+            for i, n in enumerate(lengths)]
+
+
+def _reference_lm_eval(module, tokens, max_length, prefix):
+    """float64 NLL per document: targets in blocks of max_length, each predicted from the
+    max_length inputs of [prefix] + tokens before the block's last target."""
+    out = []
+    for toks in tokens:
+        ext, total = [prefix] + toks, 0.0
+        for p in range(0, len(toks), max_length):
+            c = min(max_length, len(toks) - p)
+            end = p + c  # inputs ext[end - max_length:end] predict ext[1:end + 1]'s last c
+            inputs = ext[max(0, end - max_length):end]
+            with torch.inference_mode():
+                logits = module(torch.tensor([inputs])).logits[0].double()
+            logp = torch.log_softmax(logits, dim=-1)[-c:]
+            total -= logp.gather(1, torch.tensor(ext[end - c + 1:end + 1])[:, None]).sum().item()
+        out.append(total)
+    return out
+
+
+def test_lm_eval_plan_equals_a_float64_reference(model, docs):
+    tok = ByteTokenizer()
+    res = evaluate(model, tok, docs, plan="lm-eval", max_length=16, batch_size=5, progress=False)
+    want = _reference_lm_eval(model.module, [tok.encode(d.text) for d in docs], 16, BOS)
+    got = [r["nll_nats"] for r in res.documents]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert [r["n_tokens"] for r in res.documents] == [len(tok.encode(d.text)) for d in docs]
+    assert [r["n_bytes"] for r in res.documents] == [len(d.text.encode()) for d in docs]
+    assert res.totals.nll_nats == pytest.approx(sum(want), rel=1e-6)
+    assert res.totals.n_words == sum(d.n_words for d in docs)
+
+
+@pytest.mark.parametrize("plan, kw", [("lm-eval", {}), ("sliding", {"stride": 7}),
+                                      ("sliding", {"stride": 16, "every_window": True})])
+def test_batch_size_does_not_change_the_numbers(model, docs, plan, kw):
+    runs = [evaluate(model, ByteTokenizer(), docs, plan=plan, max_length=16, batch_size=bs,
+                     progress=False, **kw) for bs in (1, 3, 16)]
+    for r in runs[1:]:
+        assert r.totals.nll_nats == pytest.approx(runs[0].totals.nll_nats, rel=1e-6)
+        assert r.totals.n_tokens == runs[0].totals.n_tokens
+        for a, b in zip(r.documents, runs[0].documents):
+            assert a["nll_nats"] == pytest.approx(b["nll_nats"], rel=1e-6, abs=1e-9)
+
+
+def test_deterministic(model, docs):
+    a = evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=4, progress=False)
+    b = evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=4, progress=False)
+    assert a.totals == b.totals and a.documents == b.documents
+
+
+def test_hf_sliding_window_losses_equal_the_models_labels_loss(model):
+    """The HF perplexity guide's loop, verbatim in spirit: labels= loss of each window."""
+    tok = ByteTokenizer()
+    stream = Document("The quick brown fox jumps over the lazy dog. " * 6)
+    ids = tok.encode(stream.text)
+    max_length, stride = 32, 12
+    res = evaluate(model, tok, [stream], plan="sliding", max_length=max_length, stride=stride,
+                   batch_size=3, progress=False)
+    seq, prev_end, losses, counts = torch.tensor([ids]), 0, [], []
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        trg_len = end - prev_end
+        input_ids = seq[:, begin:end]
+        labels = input_ids.clone()
+        labels[:, :-trg_len] = -100
+        with torch.inference_mode():
+            losses.append(model.module(input_ids, labels=labels).loss.item())
+        counts.append(int((labels[:, 1:] != -100).sum()))
+        prev_end = end
+        if end == len(ids):
+            break
+    assert [w.n_scored for w in res.windows] == counts
+    got = [nll / w.n_scored for nll, w in zip(res.window_nll_nats, res.windows)]
+    assert got == pytest.approx(losses, rel=1e-5)
+    # token-weighted total, not a mean of window means
+    assert res.totals.nll_nats == pytest.approx(sum(l * c for l, c in zip(losses, counts)), rel=1e-5)
+    assert res.totals.n_tokens == len(ids) - 1
+
+
+def test_logits_path_and_head_paths_agree(model, docs):
+    tok = ByteTokenizer()
+    base = evaluate(model, tok, docs, max_length=16, batch_size=4, head_impl="logits", progress=False)
+    no_head = load_model(model.module, device="cpu")
+    no_head.head = None
+    via_logits = evaluate(no_head, tok, docs, max_length=16, batch_size=4, progress=False)
+    assert via_logits.totals.nll_nats == pytest.approx(base.totals.nll_nats, rel=1e-6)
+
+
+def test_callbacks_token_dump_and_positions(model, docs):
+    seen = []
+    res = evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=4, keep_token_nll=True,
+                   progress=False, on_document=seen.append)
+    assert sorted(r["index"] for r in seen) == list(range(len(docs)))
+    assert sorted(seen, key=lambda r: r["index"]) == res.documents
+    for row, nll in zip(res.documents, res.token_nll):
+        assert nll.dtype == torch.float32 and nll.numel() == row["n_tokens"]
+        assert nll.double().sum().item() == pytest.approx(row["nll_nats"], rel=1e-6, abs=1e-9)
+    assert sum(res.position_count) == res.totals.n_tokens
+    assert sum(res.position_nll_nats) == pytest.approx(res.totals.nll_nats, rel=1e-9)
+
+
+def test_bootstrap_ci():
+    rows = [dict(nll_nats=2.0 * k, n_tokens=k, n_bytes=4 * k, n_words=k) for k in (1, 5, 9)]
+    ci = bootstrap_ci(rows, n_resamples=200)
+    # every document has the same ratios, so every resample gives the same value
+    assert ci["token_perplexity"] == pytest.approx((math.e**2, math.e**2))
+    assert ci["bits_per_byte"] == pytest.approx((0.5 / math.log(2),) * 2)
+    rows[0]["nll_nats"] = 10.0
+    lo, hi = bootstrap_ci(rows, n_resamples=500)["bits_per_byte"]
+    point = sum(r["nll_nats"] for r in rows) / (math.log(2) * sum(r["n_bytes"] for r in rows))
+    assert lo < point < hi
+    assert bootstrap_ci(rows[:1]) == {}
+
+
+def test_errors(model, docs):
+    with pytest.raises(ValueError, match="above the model's context length 64"):
+        evaluate(model, ByteTokenizer(), docs, max_length=65, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(model, ByteTokenizer(), docs, max_length=8, batch_size=0, progress=False)
+    with pytest.raises(TypeError, match="lmloss Documents"):
+        evaluate(model, ByteTokenizer(), ["plain string"], max_length=8, progress=False)
+    with pytest.raises(ValueError, match="head_impl"):
+        evaluate(model, ByteTokenizer(), docs, max_length=8, head_impl="magic", progress=False)
+
+
+# --- the real model: SmolLM2-135M (GGUF), loaded once for this module ---------------------------
+
+SMOLLM2 = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
+# lm-evaluation-harness 0.4.13, its `wikitext` task (HFLM, gguf_file=..., dtype=float32,
+# max_length=1024, batch_size=1) on the first page, "= Robert Boulter =": the log-likelihood it logs.
+LM_EVAL_FIRST_PAGE_LOGLIKELIHOOD = -3532.8555908203125
+
+
+@pytest.fixture(scope="module")
+def smollm2(assets):
+    import lmloss
+
+    path = str(assets / SMOLLM2)
+    return lmloss.load_model(path, device="cpu"), lmloss.load_tokenizer(path)
+
+
+@pytest.mark.slow
+def test_smollm2_first_wikitext_page_equals_lm_evaluation_harness(smollm2, assets):
+    import lmloss
+
+    model, tok = smollm2
+    assert model.context_length == 8192 and model.head is not None and tok.bos_id is not None
+    docs = lmloss.load_corpus("wikitext", form="pages", detokenize=True,
+                              data_dir=str(assets / "corpora"), limit=1)
+    res = evaluate(model, tok, docs, plan="lm-eval", max_length=1024, batch_size=2, progress=False)
+    assert -res.documents[0]["nll_nats"] == pytest.approx(LM_EVAL_FIRST_PAGE_LOGLIKELIHOOD, rel=1e-4)
+    assert res.documents[0]["n_bytes"] == len(docs[0].original.encode("utf-8"))
+
+
+def test_batch_order_groups_documents_then_sorts_by_length():
+    from lmloss.evaluate import _batch_order
+    from lmloss.windows import Window
+
+    lengths = [(0, 3), (0, 9), (1, 5), (1, 7), (2, 2), (3, 8)]  # (doc, n_inputs)
+    windows = [Window(doc, 0, n, 1) for doc, n in lengths]
+    # groups of at least 3 windows of whole documents: {0, 1} and {2, 3}; longest first inside
+    assert _batch_order(windows, group_size=3) == [1, 3, 2, 0, 5, 4]
+    assert _batch_order(windows, group_size=100) == [1, 5, 3, 2, 0, 4]
