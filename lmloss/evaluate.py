@@ -184,7 +184,8 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
              max_length: int | None = None, stride: int | None = None, prefix_id: int | None = None,
              every_window: bool = False, batch_size: int = 8, head_impl: str = "fused",
              keep_token_nll: bool = False, progress: bool = True,
-             on_document: Callable[[dict], None] | None = None) -> EvalResult:
+             on_document: Callable[[dict], None] | None = None,
+             indices: Sequence[int] | None = None) -> EvalResult:
     """Score every token of every document once; float64 sums per document and overall.
 
     model: a LoadedModel (lmloss.load_model) or a transformers causal LM (wrapped on its device).
@@ -194,6 +195,8 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
     every_window (for "sliding" the first token is then context only, as in the HF guide).
     head_impl: "fused" or "logits" (see score_windows).
     on_document(row) is called as soon as a document's last window is scored.
+    indices: score only documents[i] for i in indices (a rank's shard, or what a resumed run has
+    left); rows keep the documents' indices in the whole corpus.
     """
     from lmloss.models import LoadedModel, load_model
 
@@ -202,6 +205,8 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
         param = next(model.parameters())
         model = load_model(model, device=str(param.device), dtype=str(param.dtype).removeprefix("torch."))
     _check_documents(documents)
+    doc_ids = list(range(len(documents))) if indices is None else [int(i) for i in indices]
+    documents = [documents[i] for i in doc_ids]
     ctx = model.context_length
     max_length = ctx if max_length is None else max_length
     if max_length is None:
@@ -221,11 +226,11 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
                   n_windows=len(windows))
     return _run(model, documents, tokens, windows, config, start, batch_size=batch_size,
                 head_impl=head_impl, keep_token_nll=keep_token_nll, progress=progress,
-                on_document=on_document)
+                on_document=on_document, doc_ids=doc_ids)
 
 
 def _run(model, documents, tokens, windows, config, start, *, batch_size, head_impl, keep_token_nll,
-         progress, on_document) -> EvalResult:
+         progress, on_document, doc_ids) -> EvalResult:
     """The loop proper: score batches, fold per-window sums into per-document float64 sums."""
     from tqdm.auto import tqdm
 
@@ -249,7 +254,7 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
         for i in mine:  # plan order: a fixed summation order whatever the batch size
             nll += window_nll[i]
         d = documents[doc]
-        rows[doc] = dict(index=doc, name=getattr(d, "name", ""), nll_nats=nll,
+        rows[doc] = dict(index=doc_ids[doc], name=getattr(d, "name", ""), nll_nats=nll,
                          n_tokens=sum(windows[i].n_scored for i in mine),
                          n_bytes=d.n_bytes, n_words=d.n_words, n_chars=d.n_chars)
         if on_document is not None:

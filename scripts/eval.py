@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--token-nll", help="write every scored token's NLL (nats) per document to this .npz file")
     a("--bootstrap", type=int, default=1000, help="bootstrap resamples over documents (0: none)")
     a("--no-progress", action="store_true", help="no progress bar")
+    a("--resume", action="store_true",
+      help="continue an interrupted run from the checkpoint next to --output (same settings)")
     return p
 
 
@@ -144,31 +146,104 @@ def save_plot(path: str, result) -> None:
     plt.close(fig)
 
 
+def fingerprint(args, model, tokenizer, lmloss_version: str) -> dict:
+    """What must match for a checkpoint's rows to belong to this run (batch size and device do not
+    change which numbers are computed)."""
+    return dict(model=model.name, tokenizer=getattr(tokenizer, "name", None), dataset=args.dataset,
+                form=args.form, detokenize=args.detokenize, limit=args.limit, plan=args.plan,
+                max_length=args.max_length, stride=args.stride, bos_every_window=args.bos_every_window,
+                dtype=args.dtype, head_impl=args.head_impl, lmloss=lmloss_version)
+
+
+def _done_rows(output: str, fp: dict) -> dict[int, dict]:
+    """Rows already in any rank's checkpoint of `output` (a resumed run may use another world size)."""
+    from lmloss.checkpoint import Checkpoint, checkpoint_path
+
+    first = checkpoint_path(output)
+    done: dict[int, dict] = {}
+    for path in sorted(first.parent.glob(first.name.replace(".partial.jsonl", ".partial*.jsonl"))):
+        ck = Checkpoint(path, fp, resume=True)
+        ck.close()
+        done.update(ck.rows)
+    return done
+
+
 def run(args) -> dict:
     import torch
     import transformers
 
     import lmloss
+    from lmloss.checkpoint import Checkpoint, checkpoint_path
+    from lmloss.distributed import gather_rows, init_from_env, shard_documents
     from lmloss.evaluate import bootstrap_ci
 
+    if args.resume and not args.output:
+        raise ValueError("--resume needs --output: the checkpoint lives next to the results file")
+    dist_ctx = init_from_env(args.device)
+    device = args.device
+    if dist_ctx.enabled and torch.cuda.is_available() and device in ("auto", "cuda"):
+        device = f"cuda:{dist_ctx.local_rank}"  # one GPU per rank
     docs = lmloss.load_corpus(args.dataset, form=args.form, data_dir=args.data_dir,
                               detokenize=args.detokenize, limit=args.limit)
     if not docs:
         raise ValueError(f"no documents in {args.dataset!r} after --limit {args.limit}")
     tokenizer = lmloss.load_tokenizer(args.tokenizer or args.model)
-    model = lmloss.load_model(args.model, device=args.device, dtype=args.dtype)
+    model = lmloss.load_model(args.model, device=device, dtype=args.dtype)
     if args.max_length and model.context_length and args.max_length > model.context_length:
         raise ValueError(f"--max-length {args.max_length} is above the context length of {args.model} "
                          f"({model.context_length}); pass --max-length {model.context_length} or less")
     if args.stride is not None and args.stride > (args.max_length or model.context_length or args.stride):
         raise ValueError(f"--stride {args.stride} is above --max-length "
                          f"{args.max_length or model.context_length}; pass a smaller --stride")
-    result = lmloss.evaluate(model, tokenizer, docs, plan=args.plan, max_length=args.max_length,
-                             stride=args.stride, every_window=args.bos_every_window,
-                             batch_size=args.batch_size, head_impl=args.head_impl,
-                             keep_token_nll=bool(args.token_nll),
-                             progress=not args.no_progress)
-    result.config.update(dataset=args.dataset, form=args.form, detokenize=args.detokenize, limit=args.limit)
+
+    # 1. What is left: documents no checkpoint holds, dealt to this rank.
+    ckpt, done = None, {}
+    if args.output:
+        fp = fingerprint(args, model, tokenizer, lmloss.__version__)
+        done = _done_rows(args.output, fp) if args.resume else {}
+        ckpt = Checkpoint(checkpoint_path(args.output, dist_ctx.rank), fp, resume=args.resume)
+    todo = [i for i in range(len(docs)) if i not in done]
+    mine = [todo[k] for k in shard_documents([len(docs[i].text) for i in todo], dist_ctx.rank,
+                                             dist_ctx.world_size)]
+    if dist_ctx.is_main and (done or dist_ctx.world_size > 1):
+        print(f"{len(done)} documents from the checkpoint, {len(todo)} to score on "
+              f"{dist_ctx.world_size} process(es)", file=sys.stderr)
+
+    # 2. Score them; each finished document goes to the checkpoint at once (flushed, fsynced).
+    try:
+        result = lmloss.evaluate(model, tokenizer, docs, plan=args.plan, max_length=args.max_length,
+                                 stride=args.stride, every_window=args.bos_every_window,
+                                 batch_size=args.batch_size, head_impl=args.head_impl,
+                                 keep_token_nll=bool(args.token_nll), indices=mine,
+                                 progress=not args.no_progress and dist_ctx.is_main,
+                                 on_document=ckpt.append if ckpt else None)
+    except KeyboardInterrupt:
+        if ckpt:
+            ckpt.close()
+            raise KeyboardInterrupt(f"{len(ckpt.rows)} documents are saved in {ckpt.path}; run the same "
+                                    "command with --resume to continue") from None
+        raise
+
+    # 3. Every rank's rows and the checkpoint's, summed in document order: the same float64 sums
+    #    in the same order as one uninterrupted process.
+    rows = gather_rows(result.documents + (list(done.values()) if dist_ctx.is_main else []), dist_ctx)
+    result.documents = rows
+    result.totals = sum((lmloss.LossTotals(r["nll_nats"], r["n_tokens"], r["n_bytes"], r["n_words"],
+                                           r["n_chars"]) for r in rows), lmloss.LossTotals())
+    if dist_ctx.world_size > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * dist_ctx.world_size
+        dist.all_gather_object(parts, (result.elapsed_s, result.position_nll_nats, result.position_count))
+        result.elapsed_s = max(p[0] for p in parts)
+        result.position_nll_nats = [sum(v) for v in zip(*(p[1] for p in parts))]
+        result.position_count = [sum(v) for v in zip(*(p[2] for p in parts))]
+    result.config.update(dataset=args.dataset, form=args.form, detokenize=args.detokenize,
+                         limit=args.limit, n_documents=len(docs), world_size=dist_ctx.world_size,
+                         resumed_documents=len(done))
+    if not dist_ctx.is_main:
+        _finish_rank(dist_ctx, ckpt)
+        return {}
     ci = bootstrap_ci(result.documents, n_resamples=args.bootstrap) if args.bootstrap else {}
     out = dict(config=dict(vars(args), resolved=result.config),
                versions=dict(lmloss=lmloss.__version__, torch=torch.__version__,
@@ -177,9 +252,9 @@ def run(args) -> dict:
                confidence_intervals={k: list(v) for k, v in ci.items()},
                elapsed_s=result.elapsed_s, tokens_per_s=result.tokens_per_s, notes=result.notes,
                documents=result.documents)
-    print(f"\n{model.name} on {args.dataset} ({len(docs)} documents, {len(result.windows)} windows, "
-          f"plan {args.plan}, max_length {result.config['max_length']}): {result.totals.n_tokens} tokens "
-          f"in {result.elapsed_s:.1f} s ({result.tokens_per_s:.0f} tokens/s)")
+    print(f"\n{model.name} on {args.dataset} ({len(docs)} documents, plan {args.plan}, max_length "
+          f"{result.config['max_length']}): {result.totals.n_tokens} tokens scored; this run "
+          f"{sum(r['n_tokens'] for r in rows if r['index'] not in done)} in {result.elapsed_s:.1f} s")
     for note in result.notes:
         print(f"note: {note}")
     print(format_table(result, ci))
@@ -189,12 +264,29 @@ def run(args) -> dict:
     if args.token_nll:
         import numpy as np
 
-        np.savez(args.token_nll, **{f"doc_{i}": t.numpy() for i, t in enumerate(result.token_nll)})
+        if dist_ctx.world_size > 1 or done:
+            print("note: --token-nll holds only this process's documents of this run")
+        np.savez(args.token_nll, **{f"doc_{i}": t.numpy() for i, t in zip(mine, result.token_nll)})
         print(f"per-token NLL: {args.token_nll}")
     if args.plot:
         save_plot(args.plot, result)
         print(f"plot: {args.plot}")
+    _finish_rank(dist_ctx, ckpt)
     return out
+
+
+def _finish_rank(dist_ctx, ckpt) -> None:
+    """After rank 0 has written the results: every rank drops its checkpoint and leaves the group."""
+    if dist_ctx.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if ckpt:
+        ckpt.remove()
+    if dist_ctx.initialized_here:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 def main(argv=None) -> int:
@@ -204,8 +296,8 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as err:  # a user's input: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
         return 130
     return 0
 

@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tests never reach the network. huggingface_hub reads these once, when it is first imported, so they
+# are set here, at collection, not in a fixture.
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
 
 def _assets_dir() -> Path | None:
     env = os.environ.get("LMLOSS_ASSETS")
@@ -27,10 +32,7 @@ def assets() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _offline_env():
-    """Tests never reach the network: hub libraries are told to stay offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    """tiktoken reads its cache folder from the environment at each load."""
     d = _assets_dir()
     if d is not None:
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(d / "tokenizers" / "tiktoken_cache"))
