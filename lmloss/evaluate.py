@@ -122,7 +122,15 @@ def _scored_nll(model, ids, rows, cols, targets, state: dict) -> torch.Tensor:
 
     if model.head is None:
         logits = model(ids)  # (B, T, V)
-        return lmloss.token_nll(logits[rows, cols], targets)
+        # Each window's scored positions are one contiguous run of its row: score views of the
+        # logits, never an indexed copy (8 GiB at Gemma's 262,144 classes x 8 x 1024).
+        parts, k = [], 0
+        for b, n in enumerate(torch.bincount(rows, minlength=ids.shape[0]).tolist()):
+            if n:
+                first = int(cols[k])
+                parts.append(lmloss.token_nll(logits[b, first:first + n], targets[k:k + n]))
+                k += n
+        return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
     hidden = model.hidden_states(ids)[rows, cols]  # (M, d)
     if state["head_impl"] == "fused":
         try:

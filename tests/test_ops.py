@@ -367,3 +367,14 @@ def test_triton_int64_offsets_past_2_pow_31():
     got = token_nll(logits, targets, impl="triton")
     rows = torch.tensor([0, N // 2, N - 1], device="cuda")
     torch.testing.assert_close(got[rows].double(), nll_float64(logits[rows], targets[rows]), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_under_inference_mode_matches_torch():
+    # regression: the worker threads of the chunked path must run in the caller's inference mode,
+    # else they cannot write into buffers made inside it (found on Gemma's 262,144-class logits)
+    x = torch.randn(600, 5003) * 10
+    t = torch.randint(0, 5003, (600,))
+    with torch.inference_mode():
+        got = lmloss.token_nll(x, t, impl="chunked")
+    ref = torch.nn.functional.cross_entropy(x.double(), t, reduction="none")
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
