@@ -21,17 +21,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A random GPT-2-shaped model with GPT-2's vocabulary, saved as a local folder."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(GPT2Config(n_positions=128, n_embd=32, n_layer=1, n_head=2)).save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture
 def base_args(tiny_model, assets):
     return ["--model", tiny_model, "--tokenizer", str(assets / "tokenizers" / "hf-gpt2"),

@@ -17,16 +17,6 @@ EVAL = str(ROOT / "scripts" / "eval.py")
 SMOLLM2 = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(GPT2Config(n_positions=128, n_embd=32, n_layer=1, n_head=2)).save_pretrained(path)
-    return str(path)
-
-
 def _env(assets):
     return dict(os.environ, OMP_NUM_THREADS="1", LMLOSS_DATA_DIR=str(assets / "corpora"),
                 HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
