@@ -53,3 +53,12 @@ def tiny_model(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-gpt2")
     GPT2LMHeadModel(GPT2Config(n_positions=128, n_embd=32, n_layer=1, n_head=2)).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and lose a lot when the 2 cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

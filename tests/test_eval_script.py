@@ -13,12 +13,7 @@ eval_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(eval_script)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -23,13 +23,7 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A model this small gains nothing from threads, and loses a lot when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
