@@ -124,6 +124,23 @@ def run_lm_eval(args, workdir: Path) -> dict:
     return json.loads(line[-1][len("RESULT "):])
 
 
+def _lm_eval_cached(args, workdir: Path) -> dict:
+    """lm-eval's result, read from --lm-eval-cache when that file holds a run with these settings
+    (its numbers do not depend on lmloss's code), else run and, with --lm-eval-cache, saved there."""
+    key = dict(model=str(Path(args.model).resolve()), pages=args.pages, max_length=args.max_length,
+               batch_size=args.lm_eval_batch_size)
+    cache = Path(args.lm_eval_cache) if args.lm_eval_cache else None
+    if cache and cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            print(f"lm-eval result read from {cache} (its time and memory are from that run)")
+            return saved["result"]
+    result = run_lm_eval(args, workdir)
+    if cache:
+        cache.write_text(json.dumps(dict(key=key, result=result)))
+    return result
+
+
 def _flops_per_token(module, context: int) -> float:
     """Forward FLOPs per token: 2 x (non-embedding weights + output head) + attention scores and
     values at the mean causal context (context / 2)."""
@@ -186,11 +203,13 @@ def bench_gpu(*, n_tokens: int = 65536, batch_size: int = 32, device: str = "cud
     rows = []
     for dtype in ("float32", "bfloat16"):
         model = lmloss.load_model(module, device=device, dtype=dtype)
-        run = lambda: lmloss.evaluate(model, _Tok(), [_Doc()], plan="sliding", max_length=1024,  # noqa: E731
-                                      stride=512, batch_size=batch_size, progress=False)
-        run()  # warm-up
-        sync()
-        res = run()
+        ours = {}
+        for head in ("fused", "logits"):
+            run = lambda: lmloss.evaluate(model, _Tok(), [_Doc()], plan="sliding", max_length=1024,  # noqa: E731
+                                          stride=512, batch_size=batch_size, head_impl=head, progress=False)
+            run()  # warm-up
+            sync()
+            ours[head] = run()
         sync()
         t = time.perf_counter()
         nll_sum, count, prev_end, seq = 0.0, 0, 0, torch.tensor([ids], device=device)
@@ -207,9 +226,12 @@ def bench_gpu(*, n_tokens: int = 65536, batch_size: int = 32, device: str = "cud
         sync()
         hf_s = time.perf_counter() - t
         name = torch.cuda.get_device_name() if device.startswith("cuda") else device
-        rows.append(dict(device=name, dtype=dtype, batch_size=batch_size, n_tokens=count,
-                         lmloss_tokens_per_s=res.tokens_per_s, hf_loop_tokens_per_s=count / hf_s,
-                         lmloss_nll_per_token=res.totals.nll_per_token, hf_nll_per_token=nll_sum / count))
+        for head, res in ours.items():
+            rows.append(dict(device=name, dtype=dtype, batch_size=batch_size, head_impl=head,
+                             n_tokens=res.totals.n_tokens, hf_n_tokens=count,
+                             lmloss_tokens_per_s=round(res.tokens_per_s), hf_loop_tokens_per_s=round(count / hf_s),
+                             speedup=round(res.tokens_per_s / (count / hf_s), 2),
+                             lmloss_nll_per_token=res.totals.nll_per_token, hf_nll_per_token=nll_sum / count))
     return rows
 
 
@@ -224,6 +246,9 @@ def main() -> None:
     p.add_argument("--lm-eval-python", default="/tmp/lmeval-venv/bin/python",
                    help="python of a virtual environment with lm_eval installed")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--lm-eval-cache", help="reuse lm-eval's result from this file when its settings match; "
+                   "else run lm-eval and save it there (timings are then not side by side)")
+    p.add_argument("--lm-eval-only", action="store_true", help="only run lm-eval (into --lm-eval-cache)")
     p.add_argument("--cuda", action="store_true", help="only the CUDA section")
     p.add_argument("--cuda-tokens", type=int, default=65536)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -243,6 +268,13 @@ def main() -> None:
         return
     if not args.model or not args.data_dir:
         raise SystemExit("pass --model (a GGUF file) and --data-dir (or set LMLOSS_MODEL / LMLOSS_DATA_DIR)")
+    if args.lm_eval_only:
+        if not args.lm_eval_cache:
+            raise SystemExit("--lm-eval-only needs --lm-eval-cache FILE to save the result in")
+        with tempfile.TemporaryDirectory() as tmp:
+            res = _lm_eval_cached(args, Path(tmp))
+        print(f"lm-eval: {len(res['loglikelihoods'])} documents in {res['elapsed_s']:.0f} s -> {args.lm_eval_cache}")
+        return
     gflops = matmul_gflops()
     with tempfile.TemporaryDirectory() as tmp:
         worker = subprocess.run([sys.executable, __file__, "--worker", *sys.argv[1:]],
@@ -251,7 +283,7 @@ def main() -> None:
         if worker.returncode != 0 or not line:
             raise SystemExit(f"lmloss run failed (exit {worker.returncode}):\n{worker.stderr[-4000:]}")
         ours = json.loads(line[-1][len("RESULT "):])
-        theirs = run_lm_eval(args, Path(tmp))
+        theirs = _lm_eval_cached(args, Path(tmp))
     gflops = max(gflops, matmul_gflops())  # before and after: the machine is shared
     # 1. Check: the same numbers, document by document, before any time is reported.
     rel = [abs(a - b) / abs(b) for a, b in zip(ours["loglikelihoods"], theirs["loglikelihoods"])]

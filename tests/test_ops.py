@@ -60,7 +60,7 @@ def grad_float64(logits, targets, grad_nll, ignore_index=-100):
     V = logits.shape[-1]
     x = logits.detach().double().reshape(-1, V)
     t = targets.reshape(-1)
-    g = torch.where(t != ignore_index, grad_nll.reshape(-1).double(), 0.0)[:, None]
+    g = torch.where(t != ignore_index, grad_nll.reshape(-1).double().to(x.device), 0.0)[:, None]
     p = torch.softmax(x, dim=1)
     onehot = torch.zeros_like(p)
     valid = (t != ignore_index).nonzero()[:, 0]
@@ -127,7 +127,7 @@ def test_uniform_logits_give_ln_V(impl):
     logits = torch.full((N, V), 1.7, device=DEVICE)
     targets = make_targets(N, V)
     nll = token_nll(logits, targets, impl=impl)
-    torch.testing.assert_close(nll.double(), torch.full((N,), math.log(V), dtype=torch.float64),
+    torch.testing.assert_close(nll.double().cpu(), torch.full((N,), math.log(V), dtype=torch.float64),
                                rtol=1e-6, atol=0)  # ln 50257 = 10.8249...
     assert lmloss.perplexity(nll.sum(), N) == pytest.approx(V, rel=1e-5)
 

@@ -209,25 +209,46 @@ def _forward_chunked(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
     return lse, target_logit
 
 
+def _mm_f32(a, b):
+    """a @ b with float32 output for bf16/fp16 a and b on CUDA: the tensor cores' own product,
+    accumulated in float32 (torch.mm's out_dtype); None where this torch or device lacks it."""
+    if not a.is_cuda or a.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return None
+
+
 def _backward_chunked(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap, chunk_size,
                       want_h, want_w, want_b):
     """dz = (exp(z - lse) - onehot(target)) * grad_nll (times 1 - tanh^2 under softcap), tile by
-    tile; dh = dz @ W, dW = dz.T @ h, dbias = dz.sum(0), all accumulated in float32."""
+    tile; dh = dz @ W, dW = dz.T @ h, dbias = dz.sum(0), all accumulated in float32. For bf16/fp16
+    on CUDA the three products take the tensor cores with float32 output (z in float32, dz rounded
+    to the inputs' dtype as the operand, like the inputs themselves); elsewhere they run in float32."""
     N, V = h2.shape[0], weight.shape[0]
     dt = _compute_dtype(h2.dtype)
     rows, cols = _blocks(N, V, chunk_size)
+    lowp = _mm_f32(h2[:1], weight[:1].T) is not None
     g = torch.where(t1 == ignore_index, 0.0, grad_nll.to(dt))  # (N,)
     dh = torch.zeros(N, h2.shape[1], dtype=dt, device=h2.device) if want_h else None
     dw = torch.zeros(V, h2.shape[1], dtype=dt, device=h2.device) if want_w else None
     db = torch.zeros(V, dtype=dt, device=h2.device) if want_b else None
-    buf = torch.empty(rows * cols, dtype=dt, device=h2.device)
+    buf = None if lowp else torch.empty(rows * cols, dtype=dt, device=h2.device)
     for r0 in range(0, N, rows):
-        h = h2[r0:r0 + rows].to(dt)  # (rows, d)
+        h = h2[r0:r0 + rows] if lowp else h2[r0:r0 + rows].to(dt)  # (rows, d)
         t, g_rows, lse_rows = t1[r0:r0 + rows], g[r0:r0 + rows, None], lse[r0:r0 + rows, None]
         for c0 in range(0, V, cols):
-            w_block = weight[c0:c0 + cols].to(dt)
+            w_block = weight[c0:c0 + cols] if lowp else weight[c0:c0 + cols].to(dt)
             b_block = None if bias is None else bias[c0:c0 + cols].to(dt)
-            if softcap is None:  # softmax exp(z - lse), in place on the tile
+            if lowp:
+                z = _mm_f32(h, w_block.T)  # (rows, cols) float32
+                if b_block is not None:
+                    z += b_block
+                if softcap is not None:
+                    z.div_(softcap).tanh_().mul_(softcap)
+                dz = torch.exp(z - lse_rows) if softcap is not None else z.sub_(lse_rows).exp_()
+            elif softcap is None:  # softmax exp(z - lse), in place on the tile
                 z = dz = _logits_tile(buf, h, w_block, b_block, None, lse_rows[:, 0]).exp_()
             else:
                 z = _logits_tile(buf, h, w_block, b_block, softcap)  # (rows, cols), capped
@@ -238,11 +259,18 @@ def _backward_chunked(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap
             dz.mul_(g_rows)
             if softcap is not None:  # d(c * tanh(x / c))/dx = 1 - (z / c)^2
                 dz.mul_(1.0 - z.div_(softcap).square_())
+            if want_b:
+                db[c0:c0 + cols] += dz.sum(dim=0)
+            if lowp:
+                dz_op = dz.to(h.dtype)
+                if want_h:
+                    dh[r0:r0 + rows] += _mm_f32(dz_op, w_block)
+                if want_w:
+                    dw[c0:c0 + cols] += _mm_f32(dz_op.T, h)
+                continue
             if want_h:
                 dh[r0:r0 + rows].addmm_(dz, w_block)
             if want_w:
                 dw[c0:c0 + cols].addmm_(dz.T, h)
-            if want_b:
-                db[c0:c0 + cols] += dz.sum(dim=0)
     cast = lambda x, like: None if x is None else x.to(like.dtype)
     return cast(dh, h2), cast(dw, weight), (cast(db, bias) if bias is not None else None)

@@ -64,6 +64,27 @@ def _linear_lse_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, tgt_ptr,
     tl.store(tgt_ptr + out, picked, mask=row_ok)
 
 
+def _fp32_precision(device) -> str:
+    """tl.dot precision for float32 inputs: "tf32x3" (three tf32 products on the tensor cores,
+    float32-level error: 1.8e-7 relative against float64 where "ieee" gave 5.2e-7) from Ampere on,
+    else "ieee" (fp32 FMAs, 3.8x slower on an H200). tune_triton.py may replace this function."""
+    return "tf32x3" if torch.cuda.get_device_capability(device) >= (8, 0) else "ieee"
+
+
+def _tile_config(h2) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for this input. Chosen with
+    scripts/tune_triton.py on an H200 (N=8192, d=768, V=50257; it replaces this function): bf16
+    256x128x64 ran 1.09x the 64x128x64 tiles; float32 (tf32x3) 128x128x64 ran 5.8x the fp32-FMA
+    64x128x32 tiles; where fp32 FMAs are the only way, 128x128x32 ran 1.5x 64x128x32."""
+    if not h2.is_cuda:  # the interpreter: small tiles keep the CPU emulation quick
+        return 16, 32, 16, 1, 1
+    if h2.element_size() == 2:
+        return 256, 128, 64, 8, 3
+    if _fp32_precision(h2.device) == "tf32x3":
+        return 128, 128, 64, 8, 3
+    return 128, 128, 32, 8, 3
+
+
 def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None):
     """-> (lse, target_logit), (N,) float32 each, for logits z = h2 @ weight.T + bias (softcapped).
     h2 (N, d) and weight (V, d) float32/bfloat16/float16 on CUDA (or CPU under TRITON_INTERPRET=1);
@@ -73,11 +94,10 @@ def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None):
     N, D = h2.shape
     V = weight.shape[0]
     h2, weight = h2.contiguous(), weight.contiguous()
+    block_m, block_n, block_k, warps, stages = _tile_config(h2)
     if h2.is_cuda:
-        block_m, block_n, block_k, warps = 64, 128, 64 if h2.element_size() == 2 else 32, 8
         n_programs_wanted = 4 * torch.cuda.get_device_properties(h2.device).multi_processor_count
-    else:  # the interpreter: small tiles keep the CPU emulation quick
-        block_m, block_n, block_k, warps = 16, 32, 16, 1
+    else:
         n_programs_wanted = 4
     row_blocks = triton.cdiv(N, block_m)
     n_col_blocks = triton.cdiv(V, block_n)
@@ -86,14 +106,17 @@ def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None):
     n_splits = triton.cdiv(V, cols_per_split)
     lse_parts = torch.empty(N, n_splits, dtype=torch.float32, device=h2.device)
     tgt_parts = torch.empty(N, n_splits, dtype=torch.float32, device=h2.device)
-    # fp32 inputs: full-precision products like torch's default matmul (tf32 would lose 13 bits);
-    # bf16/fp16 inputs take the tensor cores' native path ("tf32" is triton's default).
-    precision = "ieee" if h2.dtype == torch.float32 or not h2.is_cuda else "tf32"
+    # fp32 inputs: float32-level products like torch's default matmul (plain tf32 would lose 13
+    # bits); bf16/fp16 inputs take the tensor cores' native path ("tf32" is triton's default).
+    if not h2.is_cuda:
+        precision = "ieee"
+    else:
+        precision = _fp32_precision(h2.device) if h2.dtype == torch.float32 else "tf32"
     _linear_lse_kernel[(row_blocks, n_splits)](
         h2, weight, bias if bias is not None else h2, t1, lse_parts, tgt_parts,
         N, V, D, h2.stride(0), weight.stride(0), cols_per_split, n_splits,
         float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         PRECISION=precision, UPCAST=not h2.is_cuda,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return torch.logsumexp(lse_parts, dim=1), tgt_parts.sum(dim=1)

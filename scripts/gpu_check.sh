@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Every CUDA check and benchmark of lmloss in one run, for a GPU machine that is lent briefly.
+#
+#   bash scripts/gpu_check.sh            # logs and JSON rows under $OUT (default /tmp/lmloss-gpu)
+#
+# Offline assets: $LMLOSS_ASSETS (default .devassets: corpora/wikitext-2-raw-v1 and tokenizers/hf-gpt2
+# copied from the shared assets). Optional wheels in .whl/ (cut-cross-entropy, liger-kernel) are
+# installed into /tmp/site first. Sections run in order of importance, each under its own time limit
+# and all under GPU_CHECK_BUDGET_S, so a slow one cannot starve the rest of its log.
+# GPU_CHECK_SECTIONS="tests linear_bf16" runs only those; GPU_CHECK_NO_COMPILE=1 leaves out torch.compile.
+set -u
+OUT=${OUT:-/tmp/lmloss-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export LMLOSS_ASSETS=${LMLOSS_ASSETS:-$PWD/.devassets}
+export LMLOSS_DATA_DIR=$LMLOSS_ASSETS/corpora HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+deadline=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-540} ))
+
+section() {  # section NAME MAX_SECONDS COMMAND...: output to the terminal and $OUT/NAME.log
+    local name=$1 cap=$2 left
+    shift 2
+    if [[ -n "${GPU_CHECK_SECTIONS:-}" && " $GPU_CHECK_SECTIONS " != *" $name "* ]]; then return; fi
+    left=$(( deadline - $(date +%s) ))
+    if (( left < 15 )); then echo "=== $name: skipped, budget spent"; return; fi
+    (( cap > left )) && cap=$left
+    echo "=== $name (limit ${cap}s) $(date +%T)"
+    timeout "$cap" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n "${TAIL_LINES:-25}" "$OUT/$name.log"
+    echo "=== $name rc=$rc $(date +%T)"
+}
+
+section env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv;
+    python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__,
+    torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")";
+    python3 -c "import cut_cross_entropy, liger_kernel; print(\"cce and liger importable\")"'
+TAIL_LINES=40 section tests 170 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_cuda.py \
+    tests/test_ops.py tests/test_linear.py
+TAIL_LINES=40 section tests_triton_ops 90 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_ops.py \
+    -k "triton and not interpreter"
+section linear_bf16 150 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 \
+    ${GPU_CHECK_NO_COMPILE:+--no-compile}
+section eval_gpt2 90 python3 scripts/bench_eval.py --cuda --cuda-tokens 131072
+section linear_fp32 100 python3 scripts/bench_linear_nll.py --device cuda --dtype float32 --no-compile
+section token_nll 90 python3 scripts/bench_token_nll.py --device cuda --no-compile \
+    --shapes 8192x50257,4096x128256,2048x262144
+TAIL_LINES=45 section tune 120 python3 scripts/tune_triton.py
+echo "done $(date +%T)"
