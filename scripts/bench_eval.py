@@ -100,6 +100,7 @@ def run_lmloss(args) -> dict:
     res = lmloss.evaluate(model, tok, docs, plan="lm-eval", max_length=args.max_length,
                           batch_size=args.batch_size, progress=False)
     return dict(elapsed_s=res.elapsed_s, peak_rss_mib=_peak_rss_mib(), n_tokens=res.totals.n_tokens,
+                n_inputs=sum(w.n_inputs for w in res.windows),
                 loglikelihoods=[-r["nll_nats"] for r in res.documents], metrics=res.metrics(),
                 notes=res.notes, flops_per_token=_flops_per_token(model.module, args.max_length))
 
@@ -241,7 +242,8 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.environ.get("LMLOSS_DATA_DIR"), help="offline corpora folder")
     p.add_argument("--pages", type=int, default=8, help="first N WikiText pages (62: all)")
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=4, help="lmloss windows per forward pass")
+    p.add_argument("--batch-size", type=int, default=2, help="lmloss windows per forward pass "
+                   "(2: scripts/eval.py's CPU default)")
     p.add_argument("--lm-eval-batch-size", type=int, default=1)
     p.add_argument("--lm-eval-python", default="/tmp/lmeval-venv/bin/python",
                    help="python of a virtual environment with lm_eval installed")
@@ -305,7 +307,14 @@ def main() -> None:
     speedup = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     print(f"\nlmloss / lm-eval tokens/s: {speedup:.2f}x")
     print(f"floor: {ours['flops_per_token'] / 1e6:.0f} MFLOP/token at {gflops:.0f} GFLOP/s (fp32 matmul, "
-          f"measured now) = {floor:.0f} tokens/s; lmloss reaches {rows[0]['tokens_per_s'] / floor:.0%} of it")
+          f"measured now) = {floor:.0f} tokens/s; lmloss reaches {rows[0]['tokens_per_s'] / floor:.0%} of it, "
+          f"lm-eval {rows[1]['tokens_per_s'] / floor:.0%}")
+    if ours.get("n_inputs"):  # the plan feeds each document's last window up to max_length - 1 context tokens
+        plan_floor = floor * n / ours["n_inputs"]
+        print(f"the plan feeds {ours['n_inputs']} model inputs for {n} scored tokens (both tools must): "
+              f"floor {plan_floor:.0f} scored tokens/s; lmloss reaches {rows[0]['tokens_per_s'] / plan_floor:.0%}, "
+              f"lm-eval {rows[1]['tokens_per_s'] / plan_floor:.0%}; 1.5x lm-eval would be "
+              f"{1.5 * rows[1]['tokens_per_s'] / plan_floor:.0%} of it")
     if args.json:
         out = dict(rows=rows, speedup=speedup, matmul_gflops=gflops, floor_tokens_per_s=floor,
                    max_rel_diff=max_rel, same_numbers=same, lmloss=ours, lm_eval=theirs,

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--stride", type=int, help="sliding plan: how far windows move (default max_length // 2)")
     a("--bos-every-window", action=argparse.BooleanOptionalAction, default=False,
       help="put BOS (else EOS) at the start of every window")
-    a("--batch-size", type=int, default=4, help="windows per forward pass")
+    a("--batch-size", type=int, help="windows per forward pass (default: 2 on the CPU, where small "
+      "batches stay in cache and ran 5-10%% faster than 4 or 8; 32 on a GPU)")
     a("--head-impl", choices=("fused", "logits"), default="fused",
       help="output head + loss: fused linear cross-entropy, or logits of the scored rows + token_nll")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
@@ -84,9 +85,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--max-length must be positive, got {args.max_length}")
     if args.stride is not None and args.plan != "sliding":
         parser.error(f"--stride is for --plan sliding; plan {args.plan!r} moves by --max-length")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
     return args
+
+
+def default_batch_size(device) -> int:
+    """Windows per forward pass when --batch-size is not given: 2 on the CPU (SmolLM2, 1024-token
+    windows, this project's 2-core machine: batch 1-2 ran 5-10% faster than 4 or 8), 32 elsewhere."""
+    return 2 if device.type == "cpu" else 32
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -213,7 +220,8 @@ def run(args) -> dict:
     try:
         result = lmloss.evaluate(model, tokenizer, docs, plan=args.plan, max_length=args.max_length,
                                  stride=args.stride, every_window=args.bos_every_window,
-                                 batch_size=args.batch_size, head_impl=args.head_impl,
+                                 batch_size=args.batch_size or default_batch_size(model.device),
+                                 head_impl=args.head_impl,
                                  keep_token_nll=bool(args.token_nll), indices=mine,
                                  progress=not args.no_progress and dist_ctx.is_main,
                                  on_document=ckpt.append if ckpt else None)

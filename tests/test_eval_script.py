@@ -45,6 +45,7 @@ def test_model_default_comes_from_the_environment(monkeypatch):
     (["--plan", "sliding", "--max-length", "8", "--stride", "9"], "--stride must be between 1 and"),
     (["--plan", "sliding", "--stride", "0"], "--stride must be between 1 and"),
     (["--stride", "4"], "--stride is for --plan sliding"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
 ])
 def test_bad_flags_are_usage_errors(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -70,6 +71,7 @@ def test_end_to_end_results_json_table_and_plot(base_args, tmp_path, capsys):
     assert {"index", "nll_nats", "n_tokens", "n_bytes", "n_words"} <= set(res["documents"][0])
     assert sum(d["nll_nats"] for d in res["documents"]) == pytest.approx(t["nll_nats"], rel=1e-12)
     assert res["config"]["resolved"]["plan"] == "lm-eval" and res["config"]["max_length"] == 64
+    assert res["config"]["batch_size"] is None and res["config"]["resolved"]["batch_size"] == 2  # CPU default
     assert res["versions"]["lmloss"] and res["versions"]["torch"]
     assert set(res["confidence_intervals"]) >= {"bits_per_byte", "token_perplexity"}
     for name in ("token_perplexity", "byte_perplexity", "word_perplexity", "bits_per_byte"):

@@ -96,8 +96,10 @@ def test_bf16_large_vocab_with_bias_and_softcap():
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 100, 1000, 5000])
 def test_block_boundaries(monkeypatch, chunk_size):
-    """Tiles that split rows and columns unevenly; a tiny tile budget forces many row blocks."""
+    """Tiles that split rows and columns unevenly; a tiny tile budget forces many row blocks (and,
+    on the CPU, rows split over the intra-op threads)."""
     monkeypatch.setattr(linear_mod, "_TILE_ELEMS", 3000)
+    monkeypatch.setattr(linear_mod, "_CPU_TILE_ELEMS", 3000)
     hidden, weight, b, targets = make(23, 16, 1000, dtype=torch.float64, bias=True)
     out = lmloss.linear_token_nll(hidden, weight, targets, bias=b, chunk_size=chunk_size)
     ref = reference_nll(hidden, weight, targets, b)
@@ -144,6 +146,7 @@ def test_nan_in_hidden_gives_nan_for_that_token():
 @pytest.mark.parametrize("softcap", [None, 2.0])
 def test_gradcheck_float64(monkeypatch, bias, softcap):
     monkeypatch.setattr(linear_mod, "_TILE_ELEMS", 20)  # several row blocks, several col blocks
+    monkeypatch.setattr(linear_mod, "_CPU_TILE_ELEMS", 20)
     hidden, weight, b, targets = make(7, 5, 23, dtype=torch.float64, bias=bias, n_ignored=2)
     args = [x.requires_grad_() for x in (hidden, weight) + ((b,) if bias else ())]
     for reduction in ("mean", "sum", "none"):

@@ -13,10 +13,10 @@ The identities everything here relies on, per row n, over vocabulary blocks b:
 import torch
 
 # One tile of logits is at most this many float32 elements (64 MiB: 8192 rows x 2048 vocabulary
-# entries, under 5% of the logits at N=8192, V=50257). On this project's 2-core CPU, 8192 x 2048
-# tiles ran 1.3-1.8x faster than 8192 x 512 ones and than 2048-row ones (MKL's sgemm wants many
-# rows; fewer, larger tiles also lose less to other processes preempting one of the two threads).
+# entries, under 5% of the logits at N=8192, V=50257): the backward's tile, and the forward's on
+# CUDA without Triton. The CPU forward takes smaller, cache-sized tiles on each thread instead.
 _TILE_ELEMS = 1 << 24
+_CPU_TILE_ELEMS = 1 << 21  # the forward's tile on the CPU: 8 MiB of float32 per thread, in cache
 _DEFAULT_CHUNK = 2048
 
 
@@ -33,7 +33,7 @@ def linear_token_nll(hidden, weight, targets, *, bias=None, ignore_index=-100, s
     h2, t1 = _check(hidden, weight, targets, bias, ignore_index, softcap)
     with torch.no_grad():
         lse, target_logit = _forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl)
-        nll = torch.where(t1 == ignore_index, 0.0, lse - target_logit)
+        nll = torch.where(t1 == ignore_index, 0.0, lse - target_logit).to(_compute_dtype(h2.dtype))
     return nll.reshape(targets.shape)
 
 
@@ -65,7 +65,7 @@ class _LinearNLL(torch.autograd.Function):
         lse, target_logit = _forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl)
         ctx.save_for_backward(h2, weight, bias, t1, lse)
         ctx.options = (ignore_index, softcap, chunk_size)
-        return torch.where(t1 == ignore_index, 0.0, lse - target_logit)
+        return torch.where(t1 == ignore_index, 0.0, lse - target_logit).to(_compute_dtype(h2.dtype))
 
     @staticmethod
     def backward(ctx, grad_nll):
@@ -116,7 +116,7 @@ def _check(hidden, weight, targets, bias, ignore_index, softcap):
 
 
 def _forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl):
-    """-> (lse, target_logit), both (N,) in the compute dtype, from the implementation asked for."""
+    """-> (lse, target_logit), (N,) each: target_logit in the compute dtype, lse in it or float64."""
     if impl == "auto":
         impl = "triton" if h2.is_cuda else "chunked"
     impls = {"chunked": _forward_chunked, "triton": _forward_triton}
@@ -134,12 +134,12 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _blocks(N, V, chunk_size):
-    """Rows and vocabulary entries per tile: (rows, cols) with rows * cols <= _TILE_ELEMS."""
+def _blocks(N, V, chunk_size, tile_elems=None):
+    """Rows and vocabulary entries per tile: (rows, cols) with rows * cols <= tile_elems."""
     cols = min(V, chunk_size or _DEFAULT_CHUNK)
     if cols < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    rows = max(1, min(N, _TILE_ELEMS // cols))
+    rows = max(1, min(N, (tile_elems or _TILE_ELEMS) // cols))
     return rows, cols
 
 
@@ -164,49 +164,71 @@ def _forward_chunked(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
         L <- L + log1p(sum(exp(z - L)))        # = log(exp(L) + sum(exp(z)))
     so a tile costs its matmul (the shift rides in addmm), one exp pass and one sum pass: no
     max pass. exp(z - L) overflows only where a block holds a logit more than ~88 nats above
-    every earlier one; those rows (s = inf) are redone with their exact block max."""
+    every earlier one; those rows (s = inf) are redone with their exact block max.
+    On the CPU the rows are split into one range per intra-op thread, each run with single-threaded
+    ops over tiles of _CPU_TILE_ELEMS (cache-sized: the exp and sum passes read the tile from
+    cache, not memory), vocabulary blocks outermost so that each block of W is read once per range
+    (chunked.py's _parallel_rows). On this project's 2 cores (N=8192, d=768, V=50257, one run,
+    3 alternating rounds): 1024 x 2048 tiles per thread 3418 ms, 256-1024 rows x 1024-2048 columns
+    3409-3464 ms, one 8192 x 2048 tile on both threads 3706 ms (1.08x slower); 185 GFLOP/s."""
+    from lmloss.ops.chunked import _parallel_rows
+
     N, V = h2.shape[0], weight.shape[0]
     dt = _compute_dtype(h2.dtype)
-    rows, cols = _blocks(N, V, chunk_size)
-    lse = torch.empty(N, dtype=dt, device=h2.device)
+    cpu = h2.device.type == "cpu"
+    rows, cols = _blocks(N, V, chunk_size, _CPU_TILE_ELEMS if cpu else _TILE_ELEMS)
+    lse = torch.empty(N, dtype=torch.float64, device=h2.device)  # the running lse, summed in float64
     target_logit = torch.zeros(N, dtype=dt, device=h2.device)
-    buf = torch.empty(rows * cols, dtype=dt, device=h2.device)
-    for r0 in range(0, N, rows):
-        h = h2[r0:r0 + rows].to(dt)  # a copy only for bf16/fp16 hidden: upcast once per row block
-        t = t1[r0:r0 + rows]
-        L = None  # (rows,) running lse
+
+    def row_range(start, end):
+        buf = torch.empty(min(rows, end - start) * cols, dtype=dt, device=h2.device)
+        hs = [h2[r0:min(r0 + rows, end)].to(dt) for r0 in range(start, end, rows)]  # one upcast each
         for c0 in range(0, V, cols):
             w_block = weight[c0:c0 + cols].to(dt)
             b_block = None if bias is None else bias[c0:c0 + cols].to(dt)
-            if L is None:  # 1. first block: shift by its exact row max
-                z = _logits_tile(buf, h, w_block, b_block, softcap)
-                shift = z.amax(dim=1)
-                z.sub_(shift[:, None])
-            else:
-                shift = L
-                z = _logits_tile(buf, h, w_block, b_block, softcap, shift)  # (rows, cols) z - L
-            # 2. the target logit, from the tile that holds it (same rounding as the lse)
-            t_local = t - c0
-            here = (t_local >= 0) & (t_local < z.shape[1])
-            picked = z.gather(1, t_local.clamp(0, z.shape[1] - 1)[:, None])[:, 0] + shift
-            target_logit[r0:r0 + rows] += torch.where(here, picked, 0.0)
-            # 3. s = sum(exp(z - shift)), in place on the tile
-            s = z.exp_().sum(dim=1)
-            if L is None:
-                L = shift + torch.log(s)
-                continue
-            L_new = L + torch.log1p(s)
-            redo = (~torch.isfinite(s)).nonzero()[:, 0]
-            if redo.numel():  # exp overflowed: exact lse of this block for those rows
-                z_redo = h[redo] @ w_block.T
-                if b_block is not None:
-                    z_redo += b_block
-                if softcap is not None:
-                    z_redo = softcap * torch.tanh(z_redo / softcap)
-                L_new[redo] = torch.logaddexp(L[redo], torch.logsumexp(z_redo, dim=1))
-            L = L_new
-        lse[r0:r0 + rows] = L
+            for k, h in enumerate(hs):
+                r0 = start + k * rows
+                _fold_block(h, w_block, b_block, softcap, buf, t1[r0:r0 + h.shape[0]], c0,
+                            lse[r0:r0 + h.shape[0]], target_logit[r0:r0 + h.shape[0]], first=c0 == 0)
+
+    _parallel_rows(row_range, N, rows, h2.device)
     return lse, target_logit
+
+
+def _fold_block(h, w_block, b_block, softcap, buf, t, c0, L, target_logit, *, first):
+    """Fold the vocabulary block [c0, c0 + cols) of rows h into their running lse L (float64, in
+    place) and add its target logits to target_logit. The first block sets L from its exact row
+    max. The tile is shifted by L rounded to the tile's dtype; the update
+        L <- shift + log(exp(L - shift) + sum(exp(z - shift)))
+    is taken in float64, so that rounding never accumulates over the vocabulary blocks."""
+    if first:  # 1. first block: shift by its exact row max
+        z = _logits_tile(buf, h, w_block, b_block, softcap)
+        shift = z.amax(dim=1)
+        z.sub_(shift[:, None])
+    else:
+        shift = L.to(buf.dtype)
+        z = _logits_tile(buf, h, w_block, b_block, softcap, shift)  # (rows, cols) z - shift
+    # 2. the target logit, from the tile that holds it (same rounding as the lse)
+    t_local = t - c0
+    here = (t_local >= 0) & (t_local < z.shape[1])
+    picked = z.gather(1, t_local.clamp(0, z.shape[1] - 1)[:, None])[:, 0] + shift
+    target_logit += torch.where(here, picked, 0.0)
+    # 3. s = sum(exp(z - shift)), in place on the tile
+    s = z.exp_().sum(dim=1).double()
+    shift64 = shift.double()
+    if first:
+        torch.add(shift64, torch.log(s), out=L)
+        return
+    L_new = shift64 + torch.log(torch.exp(L - shift64) + s)
+    redo = (~torch.isfinite(s)).nonzero()[:, 0]
+    if redo.numel():  # exp overflowed: exact lse of this block for those rows
+        z_redo = h[redo] @ w_block.T
+        if b_block is not None:
+            z_redo += b_block
+        if softcap is not None:
+            z_redo = softcap * torch.tanh(z_redo / softcap)
+        L_new[redo] = torch.logaddexp(L[redo], torch.logsumexp(z_redo, dim=1).double())
+    L.copy_(L_new)
 
 
 def _mm_f32(a, b):
@@ -237,7 +259,7 @@ def _backward_chunked(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap
     buf = None if lowp else torch.empty(rows * cols, dtype=dt, device=h2.device)
     for r0 in range(0, N, rows):
         h = h2[r0:r0 + rows] if lowp else h2[r0:r0 + rows].to(dt)  # (rows, d)
-        t, g_rows, lse_rows = t1[r0:r0 + rows], g[r0:r0 + rows, None], lse[r0:r0 + rows, None]
+        t, g_rows, lse_rows = t1[r0:r0 + rows], g[r0:r0 + rows, None], lse[r0:r0 + rows, None].to(dt)
         for c0 in range(0, V, cols):
             w_block = weight[c0:c0 + cols] if lowp else weight[c0:c0 + cols].to(dt)
             b_block = None if bias is None else bias[c0:c0 + cols].to(dt)
