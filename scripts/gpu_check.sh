@@ -5,8 +5,13 @@
 #
 # Offline assets: $LMLOSS_ASSETS (default .devassets: corpora/wikitext-2-raw-v1 and tokenizers/hf-gpt2
 # copied from the shared assets). Optional wheels in .whl/ (cut-cross-entropy, liger-kernel) are
-# installed into /tmp/site first. Sections run in order of importance, each under its own time limit
-# and all under GPU_CHECK_BUDGET_S, so a slow one cannot starve the rest of its log.
+# installed into /tmp/site first. To prepare both beside a checkout with ../shared (ignored by git):
+#   mkdir -p .devassets/corpora .devassets/tokenizers && cp -r ../shared/assets/corpora/wikitext-2-raw-v1 \
+#       .devassets/corpora/ && cp -r ../shared/assets/tokenizers/hf-gpt2 .devassets/tokenizers/
+#   pip download --no-deps --only-binary=:all: -d .whl cut-cross-entropy==25.1.1 liger-kernel==0.8.5
+#   printf '/.devassets/\n/.whl/\n' >> .git/info/exclude
+# Sections run in order of importance, each under its own time limit and all under GPU_CHECK_BUDGET_S,
+# so a slow one cannot starve the rest of its log.
 # GPU_CHECK_SECTIONS="tests linear_bf16" runs only those; GPU_CHECK_NO_COMPILE=1 leaves out torch.compile.
 set -u
 OUT=${OUT:-/tmp/lmloss-gpu}
