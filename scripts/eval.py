@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bos-every-window", action=argparse.BooleanOptionalAction, default=False,
       help="put BOS (else EOS) at the start of every window")
     a("--batch-size", type=int, help="windows per forward pass (default: 2 on the CPU, where small "
-      "batches stay in cache and ran 5-10%% faster than 4 or 8; 32 on a GPU)")
+      "batches stay in cache and ran 5-10%% faster than 4 or 8; 32 on a GPU, 8 if the model's head "
+      "is not separable)")
     a("--head-impl", choices=("fused", "logits"), default="fused",
       help="output head + loss: fused linear cross-entropy, or logits of the scored rows + token_nll")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
@@ -90,10 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def default_batch_size(device) -> int:
+def default_batch_size(model) -> int:
     """Windows per forward pass when --batch-size is not given: 2 on the CPU (SmolLM2, 1024-token
-    windows, this project's 2-core machine: batch 1-2 ran 5-10% faster than 4 or 8), 32 elsewhere."""
-    return 2 if device.type == "cpu" else 32
+    windows, this project's 2-core machine: batch 1-2 ran 5-10% faster than 4 or 8); 32 on a GPU,
+    8 there for a model without a separable head, whose full (batch, T, V) logits must exist."""
+    if model.device.type == "cpu":
+        return 2
+    return 32 if model.head is not None else 8
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -220,7 +224,7 @@ def run(args) -> dict:
     try:
         result = lmloss.evaluate(model, tokenizer, docs, plan=args.plan, max_length=args.max_length,
                                  stride=args.stride, every_window=args.bos_every_window,
-                                 batch_size=args.batch_size or default_batch_size(model.device),
+                                 batch_size=args.batch_size or default_batch_size(model),
                                  head_impl=args.head_impl,
                                  keep_token_nll=bool(args.token_nll), indices=mine,
                                  progress=not args.no_progress and dist_ctx.is_main,

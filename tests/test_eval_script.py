@@ -98,3 +98,12 @@ def test_user_errors_print_a_message_not_a_traceback(base_args, extra, match, ca
     rc = eval_script.main(base_args + ["--limit", "1"] + extra)
     err = capsys.readouterr().err
     assert rc == 2 and "error: " in err and match in err and "Traceback" not in err
+
+
+def test_default_batch_size_follows_the_device_and_head():
+    from types import SimpleNamespace as NS
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert eval_script.default_batch_size(NS(device=cpu, head=object())) == 2
+    assert eval_script.default_batch_size(NS(device=cuda, head=object())) == 32
+    assert eval_script.default_batch_size(NS(device=cuda, head=None)) == 8  # full logits per batch
