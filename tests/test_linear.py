@@ -178,6 +178,28 @@ def test_gradients_against_float64_autograd(dtype, softcap):
     assert all(torch.equal(x, y) for x, y in zip((hidden, weight, b, targets), before))
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_tensor_core_backward_path_emulated_on_cpu(monkeypatch, softcap):
+    """The CUDA bf16 backward (products on the tensor cores, float32 output, dz rounded to bf16 as
+    the operand), run here with a CPU stand-in for torch.mm(..., out_dtype=float32); chunk_size
+    and the tile budget force several row and vocabulary blocks."""
+    monkeypatch.setattr(linear_mod, "_has_mm_f32", lambda device, dtype: dtype == torch.bfloat16)
+    monkeypatch.setattr(linear_mod, "_mm_f32", lambda a, b: a.float() @ b.float())
+    monkeypatch.setattr(linear_mod, "_TILE_ELEMS", 2000 * 10)
+    hidden, weight, b, targets = make(33, 64, 8191, dtype=torch.bfloat16, bias=True, n_ignored=5)
+    ins = [x.clone().requires_grad_() for x in (hidden, weight, b)]
+    lmloss.linear_cross_entropy(*ins[:2], targets, bias=ins[2], softcap=softcap, chunk_size=2000).backward()
+    ref_ins = [x.double().requires_grad_() for x in (hidden, weight, b)]
+    (reference_nll(*ref_ins[:2], targets, ref_ins[2], softcap).sum() / (targets != -100).sum()).backward()
+    torch_ins = [x.clone().requires_grad_() for x in (hidden, weight, b)]
+    torch_nll(*torch_ins[:2], targets, torch_ins[2], softcap).sum().div((targets != -100).sum()).backward()
+    for mine, ref, plain in zip(ins, ref_ins, torch_ins):
+        assert mine.grad.dtype == torch.bfloat16
+        err = (mine.grad.double() - ref.grad).abs().max()
+        err_torch = (plain.grad.double() - ref.grad).abs().max()
+        assert err <= err_torch + 1e-5 * ref.grad.abs().max(), (err, err_torch)
+
+
 def test_only_hidden_needs_grad():
     hidden, weight, _, targets = make(9, 16, 300, dtype=torch.float64)
     h = hidden.clone().requires_grad_()

@@ -6,11 +6,15 @@ one reused tile) and on CUDA (lmloss/ops/linear_triton.py, the tile never leaves
 The identities everything here relies on, per row n, over vocabulary blocks b:
     z = h @ W.T + bias                           # logits, one (rows, cols) tile at a time
     z = softcap * tanh(z / softcap)              # when softcap is given (Gemma-2 style)
-    L <- L + log1p(sum(exp(z_b - L)))            # online lse over blocks; L = the running lse
+    L <- s + log(exp(L - s) + sum(exp(z_b - s)))  # online lse over blocks, float64; s = L rounded
     nll = lse - z[target]                        # z[target] picked from the tile that holds it
     dz = (softmax(z) - onehot(target)) * grad    # backward, recomputed tile by tile from lse
 """
+import functools
+
 import torch
+
+from lmloss.ops._checks import compute_dtype
 
 # One tile of logits is at most this many float32 elements (64 MiB: 8192 rows x 2048 vocabulary
 # entries, under 5% of the logits at N=8192, V=50257): the backward's tile, and the forward's on
@@ -32,8 +36,8 @@ def linear_token_nll(hidden, weight, targets, *, bias=None, ignore_index=-100, s
     "chunked" (torch matmuls, any device) or "triton". Never writes to its inputs."""
     h2, t1 = _check(hidden, weight, targets, bias, ignore_index, softcap)
     with torch.no_grad():
-        lse, target_logit = _forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl)
-        nll = torch.where(t1 == ignore_index, 0.0, lse - target_logit).to(_compute_dtype(h2.dtype))
+        nll = _nll(*_forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl), t1,
+                   ignore_index, h2.dtype)
     return nll.reshape(targets.shape)
 
 
@@ -65,7 +69,7 @@ class _LinearNLL(torch.autograd.Function):
         lse, target_logit = _forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl)
         ctx.save_for_backward(h2, weight, bias, t1, lse)
         ctx.options = (ignore_index, softcap, chunk_size)
-        return torch.where(t1 == ignore_index, 0.0, lse - target_logit).to(_compute_dtype(h2.dtype))
+        return _nll(lse, target_logit, t1, ignore_index, h2.dtype)
 
     @staticmethod
     def backward(ctx, grad_nll):
@@ -130,8 +134,9 @@ def _forward_triton(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
     return linear_lse_target(h2, weight, t1, bias, softcap=softcap)
 
 
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _nll(lse, target_logit, t1, ignore_index, dtype):
+    """lse - z[target] in the compute dtype of `dtype`, 0.0 where the target is ignored."""
+    return torch.where(t1 == ignore_index, 0.0, lse - target_logit).to(compute_dtype(dtype))
 
 
 def _blocks(N, V, chunk_size, tile_elems=None):
@@ -144,15 +149,22 @@ def _blocks(N, V, chunk_size, tile_elems=None):
 
 
 def _logits_tile(buf, h, w_block, b_block, softcap, shift=None):
-    """z - shift[:, None] into buf, z = h @ w_block.T (+ b_block) (softcapped): -> (rows, cols)
-    view of buf. Without bias or softcap the shift rides in the matmul (addmm, no extra pass)."""
-    tile = buf[: h.shape[0] * w_block.shape[0]].view(h.shape[0], w_block.shape[0])
-    if b_block is None and softcap is None and shift is not None:
-        return torch.addmm(shift[:, None], h, w_block.T, beta=-1, out=tile)
-    if b_block is None:
-        torch.mm(h, w_block.T, out=tile)
+    """z - shift[:, None], z = h @ w_block.T (+ b_block) (softcapped), as (rows, cols) float32 (or
+    float64). With a staging buffer, z is written into it, and without bias or softcap the shift
+    rides in the matmul (addmm, no extra pass). buf=None: h and w_block are bf16/fp16 on CUDA and
+    the product comes from the tensor cores with float32 output (_mm_f32), in a fresh tensor."""
+    if buf is None:
+        tile = _mm_f32(h, w_block.T)
+        if b_block is not None:
+            tile += b_block
     else:
-        torch.addmm(b_block, h, w_block.T, out=tile)
+        tile = buf[: h.shape[0] * w_block.shape[0]].view(h.shape[0], w_block.shape[0])
+        if b_block is None and softcap is None and shift is not None:
+            return torch.addmm(shift[:, None], h, w_block.T, beta=-1, out=tile)
+        if b_block is None:
+            torch.mm(h, w_block.T, out=tile)
+        else:
+            torch.addmm(b_block, h, w_block.T, out=tile)
     if softcap is not None:
         tile.div_(softcap).tanh_().mul_(softcap)
     return tile if shift is None else tile.sub_(shift[:, None])
@@ -174,7 +186,7 @@ def _forward_chunked(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
     from lmloss.ops.chunked import _parallel_rows
 
     N, V = h2.shape[0], weight.shape[0]
-    dt = _compute_dtype(h2.dtype)
+    dt = compute_dtype(h2.dtype)
     cpu = h2.device.type == "cpu"
     rows, cols = _blocks(N, V, chunk_size, _CPU_TILE_ELEMS if cpu else _TILE_ELEMS)
     lse = torch.empty(N, dtype=torch.float64, device=h2.device)  # the running lse, summed in float64
@@ -232,14 +244,30 @@ def _fold_block(h, w_block, b_block, softcap, buf, t, c0, L, target_logit, *, fi
 
 
 def _mm_f32(a, b):
-    """a @ b with float32 output for bf16/fp16 a and b on CUDA: the tensor cores' own product,
-    accumulated in float32 (torch.mm's out_dtype); None where this torch or device lacks it."""
-    if not a.is_cuda or a.dtype not in (torch.float16, torch.bfloat16):
-        return None
+    """a @ b for bf16/fp16 a and b on CUDA, as the tensor cores compute it: accumulated and
+    returned in float32 (torch.mm's out_dtype)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_mm_f32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether _mm_f32 runs for these operands (CUDA, bf16/fp16, a torch with mm's out_dtype);
+    asked once per device and dtype."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
     try:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        _mm_f32(torch.ones(1, 1, dtype=dtype, device=device), torch.ones(1, 1, dtype=dtype, device=device))
     except (TypeError, RuntimeError, NotImplementedError):
-        return None
+        return False
+    return True
+
+
+def _addmm_f32(acc, a, b):
+    """acc += a @ b, acc float32 (or float64); a and b in acc's dtype, or bf16/fp16 via _mm_f32."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += _mm_f32(a, b)
 
 
 def _backward_chunked(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap, chunk_size,
@@ -249,28 +277,22 @@ def _backward_chunked(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap
     on CUDA the three products take the tensor cores with float32 output (z in float32, dz rounded
     to the inputs' dtype as the operand, like the inputs themselves); elsewhere they run in float32."""
     N, V = h2.shape[0], weight.shape[0]
-    dt = _compute_dtype(h2.dtype)
+    dt = compute_dtype(h2.dtype)
     rows, cols = _blocks(N, V, chunk_size)
-    lowp = _mm_f32(h2[:1], weight[:1].T) is not None
+    lowp = _has_mm_f32(h2.device, h2.dtype)  # operands stay bf16/fp16
     g = torch.where(t1 == ignore_index, 0.0, grad_nll.to(dt))  # (N,)
     dh = torch.zeros(N, h2.shape[1], dtype=dt, device=h2.device) if want_h else None
     dw = torch.zeros(V, h2.shape[1], dtype=dt, device=h2.device) if want_w else None
     db = torch.zeros(V, dtype=dt, device=h2.device) if want_b else None
     buf = None if lowp else torch.empty(rows * cols, dtype=dt, device=h2.device)
+    op_dtype = h2.dtype if lowp else dt
     for r0 in range(0, N, rows):
-        h = h2[r0:r0 + rows] if lowp else h2[r0:r0 + rows].to(dt)  # (rows, d)
+        h = h2[r0:r0 + rows].to(op_dtype)  # (rows, d)
         t, g_rows, lse_rows = t1[r0:r0 + rows], g[r0:r0 + rows, None], lse[r0:r0 + rows, None].to(dt)
         for c0 in range(0, V, cols):
-            w_block = weight[c0:c0 + cols] if lowp else weight[c0:c0 + cols].to(dt)
+            w_block = weight[c0:c0 + cols].to(op_dtype)
             b_block = None if bias is None else bias[c0:c0 + cols].to(dt)
-            if lowp:
-                z = _mm_f32(h, w_block.T)  # (rows, cols) float32
-                if b_block is not None:
-                    z += b_block
-                if softcap is not None:
-                    z.div_(softcap).tanh_().mul_(softcap)
-                dz = torch.exp(z - lse_rows) if softcap is not None else z.sub_(lse_rows).exp_()
-            elif softcap is None:  # softmax exp(z - lse), in place on the tile
+            if softcap is None:  # softmax exp(z - lse), in place on the tile
                 z = dz = _logits_tile(buf, h, w_block, b_block, None, lse_rows[:, 0]).exp_()
             else:
                 z = _logits_tile(buf, h, w_block, b_block, softcap)  # (rows, cols), capped
@@ -283,16 +305,10 @@ def _backward_chunked(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap
                 dz.mul_(1.0 - z.div_(softcap).square_())
             if want_b:
                 db[c0:c0 + cols] += dz.sum(dim=0)
-            if lowp:
-                dz_op = dz.to(h.dtype)
-                if want_h:
-                    dh[r0:r0 + rows] += _mm_f32(dz_op, w_block)
-                if want_w:
-                    dw[c0:c0 + cols] += _mm_f32(dz_op.T, h)
-                continue
+            dz_op = dz.to(op_dtype)  # the products' operand: dz itself, or rounded to bf16/fp16
             if want_h:
-                dh[r0:r0 + rows].addmm_(dz, w_block)
+                _addmm_f32(dh[r0:r0 + rows], dz_op, w_block)
             if want_w:
-                dw[c0:c0 + cols].addmm_(dz.T, h)
+                _addmm_f32(dw[c0:c0 + cols], dz_op.T, h)
     cast = lambda x, like: None if x is None else x.to(like.dtype)
     return cast(dh, h2), cast(dw, weight), (cast(db, bias) if bias is not None else None)
