@@ -74,14 +74,14 @@ def tune_linear(N, d, V, dtype, emit):
                                             reduction="none")
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ref[:64].double(), f64, rtol=tol, atol=tol)
-    first = default(hidden)
+    first = default(hidden, lt._dot_precision(hidden))
     trials = [("default", first)] + [("default", c) for c in LINEAR_CONFIGS[dtype] if c != first]
     if dtype == torch.float32:  # fp32 FMAs ("ieee") against the default (three tf32 products on Ampere on)
         trials += [("ieee", c) for c in ((128, 128, 32, 8, 3), (64, 128, 32, 8, 3))]
     base_ms, precision = None, lt._fp32_precision
     try:
         for mode, cfg in trials:
-            lt._tile_config = lambda h2, c=cfg: c
+            lt._tile_config = lambda h2, precision, c=cfg: c
             lt._fp32_precision = precision if mode == "default" else (lambda device, m=mode: m)
             try:
                 got = run()
@@ -89,11 +89,11 @@ def tune_linear(N, d, V, dtype, emit):
                 ms = _bench(run)
             except Exception as e:
                 emit(dict(kernel="linear_token_nll", dtype=str(dtype), N=N, d=d, V=V, config=list(cfg),
-                          precision=lt._fp32_precision(hidden.device), error=f"{type(e).__name__}: {str(e)[:200]}"))
+                          precision=lt._dot_precision(hidden), error=f"{type(e).__name__}: {str(e)[:200]}"))
                 continue
             base_ms = base_ms or ms
             emit(dict(kernel="linear_token_nll", dtype=str(dtype), N=N, d=d, V=V, config=list(cfg), ok=ok,
-                      precision=lt._fp32_precision(hidden.device) if dtype == torch.float32 else "tf32",
+                      precision=lt._dot_precision(hidden),
                       max_rel_err_f64=round(float(((got[:64].double() - f64).abs() / f64.abs()).max()), 8),
                       time_ms=round(ms, 4), vs_default=round(base_ms / ms, 3),
                       tflop_per_s=round(2 * N * d * V / ms / 1e9, 1)))

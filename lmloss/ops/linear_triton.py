@@ -71,7 +71,16 @@ def _fp32_precision(device) -> str:
     return "tf32x3" if torch.cuda.get_device_capability(device) >= (8, 0) else "ieee"
 
 
-def _tile_config(h2) -> tuple[int, int, int, int, int]:
+def _dot_precision(h2) -> str:
+    """fp32 inputs: float32-level products like torch's default matmul (plain tf32 would lose 13
+    bits); bf16/fp16 inputs: the tensor cores' native path ("tf32" is triton's default); the
+    interpreter: "ieee"."""
+    if not h2.is_cuda:
+        return "ieee"
+    return _fp32_precision(h2.device) if h2.dtype == torch.float32 else "tf32"
+
+
+def _tile_config(h2, precision: str) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for this input. Chosen with
     scripts/tune_triton.py on an H200 (N=8192, d=768, V=50257; it replaces this function): bf16
     256x128x64 ran 1.09x the 64x128x64 tiles; float32 (tf32x3) 128x128x64 ran 5.8x the fp32-FMA
@@ -80,7 +89,7 @@ def _tile_config(h2) -> tuple[int, int, int, int, int]:
         return 16, 32, 16, 1, 1
     if h2.element_size() == 2:
         return 256, 128, 64, 8, 3
-    if _fp32_precision(h2.device) == "tf32x3":
+    if precision == "tf32x3":
         return 128, 128, 64, 8, 3
     return 128, 128, 32, 8, 3
 
@@ -94,7 +103,8 @@ def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None):
     N, D = h2.shape
     V = weight.shape[0]
     h2, weight = h2.contiguous(), weight.contiguous()
-    block_m, block_n, block_k, warps, stages = _tile_config(h2)
+    precision = _dot_precision(h2)
+    block_m, block_n, block_k, warps, stages = _tile_config(h2, precision)
     if h2.is_cuda:
         n_programs_wanted = 4 * torch.cuda.get_device_properties(h2.device).multi_processor_count
     else:
@@ -106,12 +116,6 @@ def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None):
     n_splits = triton.cdiv(V, cols_per_split)
     lse_parts = torch.empty(N, n_splits, dtype=torch.float32, device=h2.device)
     tgt_parts = torch.empty(N, n_splits, dtype=torch.float32, device=h2.device)
-    # fp32 inputs: float32-level products like torch's default matmul (plain tf32 would lose 13
-    # bits); bf16/fp16 inputs take the tensor cores' native path ("tf32" is triton's default).
-    if not h2.is_cuda:
-        precision = "ieee"
-    else:
-        precision = _fp32_precision(h2.device) if h2.dtype == torch.float32 else "tf32"
     _linear_lse_kernel[(row_blocks, n_splits)](
         h2, weight, bias if bias is not None else h2, t1, lse_parts, tgt_parts,
         N, V, D, h2.stride(0), weight.stride(0), cols_per_split, n_splits,
