@@ -249,8 +249,8 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
     pending = [len(mine) for mine in doc_windows]  # windows left per document
     window_nll = [0.0] * len(windows)
     per_token: list = [None] * len(windows)
-    pos_sum = [0.0] * config["max_length"]
-    pos_count = [0] * config["max_length"]
+    pos_sum = torch.zeros(config["max_length"], dtype=torch.float64)  # by input position
+    pos_count = torch.zeros(config["max_length"], dtype=torch.int64)
     rows: list[dict | None] = [None] * n_docs
     notes = list(model.notes)
     bar = tqdm(total=sum(w.n_scored for w in windows), unit="tok", unit_scale=True,
@@ -275,14 +275,14 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
                                    head_impl=head_impl, notes=notes):
         for i, nll in zip(idx, nlls):
             w = windows[i]
-            window_nll[i] = nll.double().sum().item()
+            nll64 = nll.double()
+            window_nll[i] = nll64.sum().item()
             if not math.isfinite(window_nll[i]):
                 raise ValueError(f"non-finite loss in document {w.doc}, window {i} ({w}): check the "
                                  "model's logits (dtype overflow, NaN weights)")
             first = w.n_inputs - w.n_scored
-            for j, v in enumerate(nll.tolist()):
-                pos_sum[first + j] += v
-                pos_count[first + j] += 1
+            pos_sum[first:first + w.n_scored] += nll64
+            pos_count[first:first + w.n_scored] += 1
             if keep_token_nll:
                 per_token[i] = nll
             pending[w.doc] -= 1
@@ -297,5 +297,5 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
     if keep_token_nll:
         token_nll = [torch.cat([per_token[i] for i in doc_windows[d]]) if doc_windows[d]
                      else torch.zeros(0) for d in range(n_docs)]
-    return EvalResult(totals, rows, config, list(windows), window_nll, pos_sum, pos_count, token_nll,
-                      elapsed, notes)
+    return EvalResult(totals, rows, config, list(windows), window_nll, pos_sum.tolist(), pos_count.tolist(),
+                      token_nll, elapsed, notes)
