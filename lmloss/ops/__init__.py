@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from lmloss.ops import chunked, reference
-from lmloss.ops._checks import check_logits, check_targets, compute_dtype, row_views
+from lmloss.ops._checks import check_logits, check_reduction, check_targets, compute_dtype, reduce_nll, row_views
 
 
 class Impl(NamedTuple):
@@ -144,15 +144,9 @@ def cross_entropy(logits, targets, *, ignore_index: int = -100, reduction: str =
     The loss is float32; the gradient comes back in logits' dtype, computed from the saved per-row
     log-sum-exp by a fused backward.
     """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    nll = token_nll(logits, targets, ignore_index=ignore_index, impl=impl)
-    if reduction == "none":
-        return nll
-    total = nll.sum()
-    if reduction == "sum":
-        return total
-    return total / (targets != ignore_index).sum()
+    check_reduction(reduction)
+    return reduce_nll(token_nll(logits, targets, ignore_index=ignore_index, impl=impl), targets, ignore_index,
+                      reduction)
 
 
 def logsumexp(logits, *, impl: str = "auto") -> torch.Tensor:

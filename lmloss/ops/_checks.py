@@ -1,4 +1,4 @@
-"""Input validation and row views shared by every implementation of the ops contract."""
+"""Input validation, row views and reductions shared by every implementation of the ops contract."""
 
 from __future__ import annotations
 
@@ -70,3 +70,18 @@ def row_views(x: torch.Tensor) -> list[torch.Tensor]:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64 (gradcheck); every other float dtype is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def reduce_nll(nll: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """F.cross_entropy's reductions of a per-token NLL shaped like targets: "none" as is, "sum", or
+    "mean" over the non-ignored targets (NaN when all are ignored, like torch)."""
+    if reduction == "none":
+        return nll
+    total = nll.sum()
+    return total if reduction == "sum" else total / (targets != ignore_index).sum()
+

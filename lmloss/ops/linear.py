@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from lmloss.ops._checks import compute_dtype
+from lmloss.ops._checks import check_reduction, compute_dtype, reduce_nll
 
 # One tile of logits is at most this many float32 elements (64 MiB: 8192 rows x 2048 vocabulary
 # entries, under 5% of the logits at N=8192, V=50257): the backward's tile, and the forward's on
@@ -50,15 +50,10 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
     in float32 and returned in their input dtype. Nothing of size N x V is kept.
     reduction: "mean" (over non-ignored tokens; NaN when all are ignored, like torch), "sum",
     or "none" (shape of targets). impl as in linear_token_nll (the backward is always chunked)."""
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_reduction(reduction)
     h2, t1 = _check(hidden, weight, targets, bias, ignore_index, softcap)
     nll = _LinearNLL.apply(h2, weight, bias, t1, ignore_index, softcap, chunk_size, impl)
-    if reduction == "none":
-        return nll.reshape(targets.shape)
-    if reduction == "sum":
-        return nll.sum()
-    return nll.sum() / (t1 != ignore_index).sum()
+    return reduce_nll(nll.reshape(targets.shape), targets, ignore_index, reduction)
 
 
 class _LinearNLL(torch.autograd.Function):
