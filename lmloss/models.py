@@ -81,8 +81,13 @@ def resolve_device(device: str = "auto") -> torch.device:
                          "expected auto, cpu, cuda, cuda:N or mps") from None
 
 
+def _text_config(config):
+    """The language model's own config (a multimodal config nests it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _context_length(config) -> int | None:
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = _text_config(config)
     for key in _CONTEXT_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -97,8 +102,7 @@ def _find_head(module: torch.nn.Module, notes: list[str]) -> Head | None:
     if not isinstance(out, torch.nn.Linear) or base is None or base is module:
         notes.append("no separable output head (get_output_embeddings / base_model): scoring from logits")
         return None
-    config = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
-    softcap = getattr(config, "final_logit_softcapping", None)
+    softcap = getattr(_text_config(module.config), "final_logit_softcapping", None)
     head = Head(out.weight, out.bias, float(softcap) if softcap else None)
     # Probe: any other final transform (logit scales, ...) shows up as a mismatch here.
     vocab = out.weight.shape[0]
