@@ -291,8 +291,7 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
         bar.update(sum(windows[i].n_scored for i in idx))
     bar.close()
     elapsed = time.perf_counter() - start
-    totals = sum((LossTotals(r["nll_nats"], r["n_tokens"], r["n_bytes"], r["n_words"], r["n_chars"])
-                  for r in rows), LossTotals())
+    totals = LossTotals.from_rows(rows)
     token_nll = None
     if keep_token_nll:
         token_nll = [torch.cat([per_token[i] for i in doc_windows[d]]) if doc_windows[d]

@@ -119,6 +119,13 @@ class LossTotals:
             )
         return cls(total, int(nll.numel()), int(n_bytes), int(n_words), int(n_chars))
 
+    @classmethod
+    def from_rows(cls, rows) -> "LossTotals":
+        """The sum, in the given order, of per-document rows: dicts holding nll_nats, n_tokens,
+        n_bytes, n_words and n_chars (as lmloss.evaluate and scripts/eval.py write them)."""
+        return sum((cls(r["nll_nats"], r["n_tokens"], r["n_bytes"], r["n_words"], r["n_chars"]) for r in rows),
+                   cls())
+
     def __add__(self, other: "LossTotals") -> "LossTotals":
         if not isinstance(other, LossTotals):
             return NotImplemented

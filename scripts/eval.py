@@ -240,8 +240,7 @@ def run(args) -> dict:
     #    in the same order as one uninterrupted process.
     rows = gather_rows(result.documents + (list(done.values()) if dist_ctx.is_main else []), dist_ctx)
     result.documents = rows
-    result.totals = sum((lmloss.LossTotals(r["nll_nats"], r["n_tokens"], r["n_bytes"], r["n_words"],
-                                           r["n_chars"]) for r in rows), lmloss.LossTotals())
+    result.totals = lmloss.LossTotals.from_rows(rows)
     if dist_ctx.world_size > 1:
         import torch.distributed as dist
 

@@ -83,3 +83,11 @@ def test_perplexity_past_float_range_is_inf_not_an_error():
     t = LossTotals(710.0, 1, 1, 1, 1)
     assert t.token_perplexity == math.inf and perplexity(710.0, 1) == math.inf
     assert t.bits_per_byte == pytest.approx(710 / math.log(2))
+
+
+def test_from_rows_sums_document_rows():
+    rows = [dict(index=0, nll_nats=10.5, n_tokens=4, n_bytes=20, n_words=3, n_chars=19),
+            dict(index=1, nll_nats=0.25, n_tokens=1, n_bytes=2, n_words=1, n_chars=2)]
+    t = LossTotals.from_rows(rows)
+    assert (t.nll_nats, t.n_tokens, t.n_bytes, t.n_words, t.n_chars) == (10.75, 5, 22, 4, 21)
+    assert LossTotals.from_rows([]) == LossTotals()
