@@ -11,26 +11,62 @@ Never a mean of per-batch or per-document ratios.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["LossTotals", "bits_per_byte", "perplexity"]
 
 
-def _as_float(value, name: str) -> float:
-    """A Python float from a float, int or 0-d tensor (summed in float64 if a tensor has more elements)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
+_REAL = "a real number (a float, an int or a 0-d tensor)"
+_WHOLE = "a whole number (an int, a whole float such as 3.0, or a 0-d integer tensor)"
+
+
+def _as_number(value, name: str, expected: str) -> int | float:
+    """A Python int or float from a real number, or from a one-element tensor or numpy array via
+    .item() (on a CUDA tensor that synchronizes with the host). Bools, strings and the rest: TypeError."""
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        is_tensor = isinstance(value, torch.Tensor)
+        if (value.numel() if is_tensor else value.size) != 1:
             raise ValueError(
-                f"{name} must be a summed total (a float or a 0-d tensor), got a tensor of shape "
-                f"{tuple(value.shape)}; pass nll.sum() or use LossTotals.from_nll(nll)"
+                f"{name} must be one number (a summed total or a count, e.g. a 0-d tensor), got a "
+                f"{type(value).__name__} of shape {tuple(value.shape)}; for per-token losses pass nll.sum() "
+                "or use LossTotals.from_nll(nll)"
             )
-        value = value.detach().to(torch.float64).item()
+        if (value.dtype == torch.bool) if is_tensor else (value.dtype.kind == "b"):
+            raise TypeError(f"{name} must be {expected}, got a bool {type(value).__name__} {value!r}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.60}; "
+                        "pass the number itself (convert a string with float() or int())")
+    return value
+
+
+def _as_nll(value, name: str = "nll_nats") -> float:
+    """A summed NLL in nats as a float: finite and >= 0, as every sum of -log p is."""
+    value = _as_number(value, name, _REAL)
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number or a 0-d tensor, got {type(value).__name__}") from None
+        nll = float(value)
+    except OverflowError:  # an int past float64's range
+        nll = math.copysign(math.inf, value)
+    _check_finite(nll, name)
+    if nll < 0:
+        raise ValueError(
+            f"{name} must be >= 0 (a sum of -log p over scored tokens), got {nll!r}; pass the summed negative "
+            "log-likelihood in nats (e.g. F.cross_entropy(..., reduction='sum')), not log-probabilities"
+        )
+    return nll
+
+
+def _as_count(value, name: str) -> int:
+    """A count as an int. 2.9, nan and inf raise ValueError (never truncated); bools and strings TypeError."""
+    value = _as_number(value, name, _WHOLE)
+    if isinstance(value, numbers.Integral) or (math.isfinite(value) and value == int(value)):
+        return int(value)
+    raise ValueError(f"{name} must be {_WHOLE}, got {value!r}; pass the count itself, not a mean "
+                     "or a ratio (e.g. len(text.encode('utf-8')) bytes, or the number of scored tokens)")
 
 
 def _check_finite(nll_nats: float, where: str = "") -> None:
@@ -53,22 +89,26 @@ def _exp(x: float) -> float:
 def bits_per_byte(nll_nats, n_bytes) -> float:
     """Bits per UTF-8 byte: nll_nats / (math.log(2) * n_bytes).
 
-    nll_nats: summed NLL in nats (float or 0-d tensor) of the tokens that encode the text;
-    n_bytes: len(text.encode("utf-8")) of that same text.
+    nll_nats: summed NLL in nats of the tokens that encode the text, finite and >= 0 (a float, an
+    int or a 0-d tensor); n_bytes: len(text.encode("utf-8")) of that same text, a whole number > 0
+    (an int, a whole float such as 3.0, or a 0-d tensor). A tensor is read with .item(): a CUDA
+    tensor synchronizes with the host. Wrong types raise TypeError, wrong values ValueError.
     """
-    nll = _as_float(nll_nats, "nll_nats")
-    _check_finite(nll)
-    n = int(_as_float(n_bytes, "n_bytes"))
+    nll, n = _as_nll(nll_nats), _as_count(n_bytes, "n_bytes")
     if n <= 0:
         raise ValueError(f"bits_per_byte needs n_bytes > 0, got {n}: the text scored is empty")
     return nll / (math.log(2) * n)
 
 
 def perplexity(nll_nats, n_tokens) -> float:
-    """Token perplexity: math.exp(nll_nats / n_tokens), nll_nats summed in nats over n_tokens targets."""
-    nll = _as_float(nll_nats, "nll_nats")
-    _check_finite(nll)
-    n = int(_as_float(n_tokens, "n_tokens"))
+    """Token perplexity: math.exp(nll_nats / n_tokens), nll_nats summed in nats over n_tokens targets.
+
+    nll_nats: finite and >= 0 (a float, an int or a 0-d tensor); n_tokens: a whole number > 0 (an int,
+    a whole float such as 3.0, or a 0-d tensor). A tensor is read with .item(): a CUDA tensor
+    synchronizes with the host. Wrong types raise TypeError, wrong values ValueError; a mean NLL past
+    ~709.78 nats gives inf.
+    """
+    nll, n = _as_nll(nll_nats), _as_count(n_tokens, "n_tokens")
     if n <= 0:
         raise ValueError(f"perplexity needs n_tokens > 0, got {n}: no token was scored")
     return _exp(nll / n)
@@ -78,7 +118,9 @@ def perplexity(nll_nats, n_tokens) -> float:
 class LossTotals:
     """Sums behind every metric: summed NLL (nats, float64) and exact counts of what it was over.
 
-    Mergeable with `+`; `all_reduce()` sums across a torch.distributed process group.
+    Mergeable with `+`; `all_reduce()` sums across a torch.distributed process group. Fields are
+    checked and stored as Python numbers: nll_nats a finite float >= 0, counts whole numbers >= 0
+    (a 0-d tensor is read with .item(), which synchronizes with the host for a CUDA tensor).
     """
 
     nll_nats: float = 0.0
@@ -88,16 +130,17 @@ class LossTotals:
     n_chars: int = 0
 
     def __post_init__(self):
-        _check_finite(float(self.nll_nats))
+        object.__setattr__(self, "nll_nats", _as_nll(self.nll_nats, "LossTotals.nll_nats"))
         for name in ("n_tokens", "n_bytes", "n_words", "n_chars"):
-            v = getattr(self, name)
-            if int(v) != v or v < 0:
-                raise ValueError(f"LossTotals.{name} must be a non-negative integer, got {v!r}")
+            n = _as_count(getattr(self, name), f"LossTotals.{name}")
+            if n < 0:
+                raise ValueError(f"LossTotals.{name} must be >= 0, got {n}: a count of what was scored")
+            object.__setattr__(self, name, n)
 
     @classmethod
     def from_nll(cls, nll: torch.Tensor, *, mask: torch.Tensor | None = None, n_bytes: int = 0,
                  n_words: int = 0, n_chars: int = 0, where: str = "") -> "LossTotals":
-        """Totals of per-token NLL (any shape, nats): nll[mask].double().sum() over mask.sum() tokens.
+        """Totals of per-token NLL (any shape, nats): nll[mask].double().clamp_min(0).sum() over mask.sum() tokens.
 
         `mask` (bool, same shape) selects the scored tokens; default all. A non-finite value raises
         ValueError naming `where` and the flat index of the first bad token.
@@ -109,7 +152,9 @@ class LossTotals:
                 raise ValueError(f"mask shape {tuple(mask.shape)} != nll shape {tuple(nll.shape)}")
             nll = nll[mask.bool()]
         nll = nll.detach().reshape(-1)
-        total = nll.to(torch.float64).sum().item()
+        # The exact NLL is >= 0; a kernel's rounding can put a near-certain token a hair below
+        # (-2e-6 nats): counted as 0, never a negative total. NaN stays NaN for the check below.
+        total = nll.to(torch.float64).clamp_min(0.0).sum().item()
         if not math.isfinite(total):
             bad = (~torch.isfinite(nll)).nonzero()[0].item()
             src = f"{where}, " if where else ""
@@ -117,7 +162,7 @@ class LossTotals:
                 f"non-finite loss in {src}scored token {bad} (value {nll[bad].item()}): a NaN or inf "
                 "logit reached the totals. Check the model's logits (dtype overflow, NaN weights)."
             )
-        return cls(total, int(nll.numel()), int(n_bytes), int(n_words), int(n_chars))
+        return cls(total, nll.numel(), n_bytes, n_words, n_chars)
 
     @classmethod
     def from_rows(cls, rows) -> "LossTotals":

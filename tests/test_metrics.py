@@ -91,3 +91,70 @@ def test_from_rows_sums_document_rows():
     t = LossTotals.from_rows(rows)
     assert (t.nll_nats, t.n_tokens, t.n_bytes, t.n_words, t.n_chars) == (10.75, 5, 22, 4, 21)
     assert LossTotals.from_rows([]) == LossTotals()
+
+
+# -- argument checks: counts are whole numbers, the NLL a finite non-negative real ---------------
+
+@pytest.mark.parametrize("fn, name", [(bits_per_byte, "n_bytes"), (perplexity, "n_tokens")])
+@pytest.mark.parametrize("count, exc, shown", [
+    (2.9, ValueError, "2.9"),                      # int() used to truncate it to 2
+    (float("nan"), ValueError, "nan"),             # int() used to raise its own ValueError
+    (float("inf"), ValueError, "inf"),             # int() used to raise OverflowError
+    (torch.tensor(2.5), ValueError, "2.5"),
+    ("3", TypeError, "'3'"),
+    (True, TypeError, "True"),
+    (torch.tensor(True), TypeError, "bool"),
+    (None, TypeError, "None"),
+])
+def test_counts_must_be_whole_numbers(fn, name, count, exc, shown):
+    with pytest.raises(exc, match=rf"{name} must be .*whole.*got .*{shown}"):
+        fn(10.0, count)
+
+
+@pytest.mark.parametrize("fn", [bits_per_byte, perplexity])
+@pytest.mark.parametrize("nll, exc, shown", [
+    ("10", TypeError, "'10'"),
+    (False, TypeError, "False"),
+    (torch.tensor(True), TypeError, "bool"),
+    (-1.0, ValueError, "-1.0"),
+    (-1e-12, ValueError, "-1e-12"),
+    (torch.tensor(-0.5), ValueError, "-0.5"),
+])
+def test_nll_must_be_a_non_negative_real(fn, nll, exc, shown):
+    with pytest.raises(exc, match=rf"nll_nats .*got .*{shown}"):
+        fn(nll, 3)
+
+
+def test_valid_argument_forms_keep_their_meaning():
+    import numpy as np
+
+    want_bpb, want_ppl = 10.0 / (3 * math.log(2)), math.exp(10.0 / 3)
+    for nll in (10.0, 10, torch.tensor(10.0), torch.tensor(10.0, dtype=torch.bfloat16), torch.tensor([10.0]),
+                np.float64(10.0), np.array(10.0), torch.tensor(10, dtype=torch.int64)):
+        for count in (3, 3.0, torch.tensor(3), torch.tensor(3.0), np.int64(3), np.array(3), np.float32(3.0)):
+            assert bits_per_byte(nll, count) == want_bpb, (nll, count)
+            assert perplexity(nll, count) == pytest.approx(want_ppl, rel=1e-15), (nll, count)
+    assert bits_per_byte(0.0, 1) == 0.0 and perplexity(-0.0, 1) == 1.0  # -0.0 is not negative
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    ((-1.0, 1, 1), ValueError, r"LossTotals\.nll_nats .*got -1\.0"),
+    (("1", 1, 1), TypeError, r"LossTotals\.nll_nats .*got str '1'"),
+    ((None, 1, 1), TypeError, r"LossTotals\.nll_nats .*got NoneType"),
+    ((1.0, 2.5, 1), ValueError, r"LossTotals\.n_tokens must be .*whole.*got 2\.5"),
+    ((1.0, 1, float("nan")), ValueError, r"LossTotals\.n_bytes must be .*whole.*got nan"),
+    ((1.0, 1, 1, "2"), TypeError, r"LossTotals\.n_words must be .*got str '2'"),
+    ((1.0, 1, 1, 1, True), TypeError, r"LossTotals\.n_chars must be .*got bool True"),
+    ((1.0, -1, 1), ValueError, r"LossTotals\.n_tokens must be >= 0, got -1"),
+])
+def test_loss_totals_checks_its_fields(args, exc, match):
+    with pytest.raises(exc, match=match):
+        LossTotals(*args)
+
+
+def test_loss_totals_stores_python_numbers():
+    t = LossTotals(torch.tensor(2.5, dtype=torch.float64), 3.0, torch.tensor(4), 1, 2)
+    assert t == LossTotals(2.5, 3, 4, 1, 2)
+    assert [type(v) for v in t.to_dict().values()] == [float, int, int, int, int]
+    with pytest.raises(ValueError, match=r"n_bytes must be .*whole.*got 2\.9"):
+        LossTotals.from_nll(torch.ones(3), n_bytes=2.9)  # int() used to make it 2

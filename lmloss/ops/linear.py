@@ -130,8 +130,11 @@ def _forward_triton(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
 
 
 def _nll(lse, target_logit, t1, ignore_index, dtype):
-    """lse - z[target] in the compute dtype of `dtype`, 0.0 where the target is ignored."""
-    return torch.where(t1 == ignore_index, 0.0, lse - target_logit).to(compute_dtype(dtype))
+    """lse - z[target] in the compute dtype of `dtype`, 0.0 where the target is ignored. The exact
+    value is >= 0 (lse >= every z); the tiled lse can round below a near-certain target's logit
+    (-2e-6 nats at logits ~60), so it is clamped at 0, never a negative loss."""
+    nll = (lse - target_logit).clamp_min(0.0)
+    return torch.where(t1 == ignore_index, 0.0, nll).to(compute_dtype(dtype))
 
 
 def _blocks(N, V, chunk_size, tile_elems=None):
