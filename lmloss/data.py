@@ -158,15 +158,27 @@ def _read_utf8(path: Path) -> str:
             f"Re-encode it, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}") from None
 
 
+_FIELD_HINT = "pass --text-field NAME (field= in load_corpus)"
+
+
 def _pick_field(keys, field: str | None, where: str) -> str:
+    """The text field of a record: `field` if given, else "text", else "page"."""
     if field is not None:
         if field not in keys:
-            raise ValueError(f"{where} has no field {field!r} (fields: {sorted(keys)}); pass field=...")
+            raise ValueError(f"{where} has no field {field!r} (fields: {sorted(keys)}); {_FIELD_HINT}")
         return field
     for name in ("text", "page"):
         if name in keys:
             return name
-    raise ValueError(f"{where} has no 'text' or 'page' field (fields: {sorted(keys)}); pass field=...")
+    raise ValueError(f"{where} has no 'text' or 'page' field (fields: {sorted(keys)}); {_FIELD_HINT}")
+
+
+def _text(value, key: str, where: str) -> str:
+    """The value of a record's text field, which must be a string (never str(None) or str(3))."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: the text field {key!r} holds {type(value).__name__}, not a string; fix or "
+                         f"drop that record, or if the text is in another field, {_FIELD_HINT}")
+    return value
 
 
 def _read_jsonl(path: Path, field: str | None) -> list[str]:
@@ -180,10 +192,8 @@ def _read_jsonl(path: Path, field: str | None) -> list[str]:
             raise ValueError(f"{path} line {i} is not JSON ({e.msg}); expected one object per line") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path} line {i} is a {type(record).__name__}, expected a JSON object")
-        value = record[_pick_field(record.keys(), field, f"{path} line {i}")]
-        if not isinstance(value, str):
-            raise ValueError(f"{path} line {i}: the text field holds a {type(value).__name__}, not a string")
-        texts.append(value)
+        key = _pick_field(record.keys(), field, f"{path} line {i}")
+        texts.append(_text(record[key], key, f"{path} line {i}"))
     return texts
 
 
@@ -193,7 +203,8 @@ def _read_parquet(path: Path, field: str | None) -> list[str]:
     except ImportError as e:
         raise ValueError(f"reading {path} needs pyarrow: pip install pyarrow ({e})") from None
     table = pq.read_table(path)
-    return [str(v) for v in table.column(_pick_field(table.column_names, field, str(path))).to_pylist()]
+    key = _pick_field(table.column_names, field, str(path))
+    return [_text(v, key, f"{path} row {i}") for i, v in enumerate(table.column(key).to_pylist(), 1)]
 
 
 def _read_file(path: Path, field: str | None) -> list[Document]:
@@ -265,10 +276,15 @@ def load_corpus(name_or_path: str, *, form: str | None = None, data_dir: str | N
     files "rows" (as read, the default) or "stream" (joined by "\\n\\n"). detokenize: apply
     lm-evaluation-harness's WikiText detokenizer to each document's text and keep the text as read
     in `original`, on which bytes/words/chars are counted. limit: keep the first `limit` documents.
-    field: the text field of a .jsonl/.parquet file (default "text", else "page").
+    field: the text field of a .jsonl/.parquet file (default "text", else "page"); every record's
+    value there must be a string (rows are numbered from 1 in errors).
     """
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    if not str(name_or_path).strip():  # Path("") would be the current folder
+        raise ValueError(f"the corpus name is empty ({name_or_path!r}); pass a known name "
+                         f"({', '.join(CORPORA)}) or the path of a .txt, .jsonl or .parquet file or a folder "
+                         "of .txt files")
     key = _ALIASES.get(str(name_or_path), str(name_or_path))
     if key in CORPORA:
         corpus = CORPORA[key]

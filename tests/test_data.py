@@ -171,3 +171,55 @@ def test_nothing_found_says_how_to_go_offline(tmp_path, monkeypatch):
         load_corpus("wikitext", data_dir=str(tmp_path))
     msg = str(err.value)
     assert "wikitext-2-raw-v1/test.jsonl" in msg and "LMLOSS_DATA_DIR" in msg and "load_dataset" in msg
+
+
+# -- what a user can get wrong in a file or a name ------------------------------------------------
+
+def test_parquet_non_string_values_are_refused_with_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": ["r1", None, "r3"], "n": [1, 2, 3]}), path)
+    with pytest.raises(ValueError, match=r"t\.parquet row 2: the text field 'text' holds NoneType, not a "
+                                         r"string; .*--text-field NAME \(field= in load_corpus\)"):
+        load_corpus(str(path))  # used to give the text "None"
+    with pytest.raises(ValueError, match=r"t\.parquet row 1: the text field 'n' holds int, not a string"):
+        load_corpus(str(path), field="n")  # used to give the text "1"
+    with pytest.raises(ValueError, match=r"t\.parquet has no field 'body' \(fields: \['n', 'text'\]\); "
+                                         r"pass --text-field NAME \(field= in load_corpus\)"):
+        load_corpus(str(path), field="body")
+
+
+def test_jsonl_errors_name_the_cli_option(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_text('{"body": "b1"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"line 1 has no 'text' or 'page' field \(fields: \['body'\]\); "
+                                         r"pass --text-field NAME \(field= in load_corpus\)"):
+        load_corpus(str(path))
+    path.write_text('{"text": 3}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"b\.jsonl line 1: the text field 'text' holds int, not a string; "
+                                         r".*--text-field NAME"):
+        load_corpus(str(path))
+
+
+@pytest.mark.parametrize("name", ["", "   ", "\t\n"])
+def test_empty_corpus_name_is_refused(name):
+    # Path("") is the current folder: "" used to read every .txt file there, or say "no .txt files"
+    with pytest.raises(ValueError, match=r"the corpus name is empty.*wikitext, lambada"):
+        load_corpus(name)
+
+
+def test_files_without_text_or_not_utf8_name_the_file(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.txt.*has no text"):
+        load_corpus(str(tmp_path / "empty.txt"))
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n\n{"text": ""}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"blank\.jsonl.*has no text: 2 documents, all empty"):
+        load_corpus(str(tmp_path / "blank.jsonl"))
+    (tmp_path / "nothing.jsonl").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"nothing\.jsonl.*has no text: 0 documents"):
+        load_corpus(str(tmp_path / "nothing.jsonl"))
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl is not UTF-8: byte offset 13"):
+        load_corpus(str(tmp_path / "latin1.jsonl"))
