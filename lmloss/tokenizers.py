@@ -28,12 +28,13 @@ import functools
 import json
 import os
 import re
+from array import array
 from pathlib import Path
 
 import torch
 
 __all__ = ["Tokenizer", "TiktokenTokenizer", "HFTokenizer", "load_tokenizer", "token_byte_lengths",
-           "check_byte_lengths", "TIKTOKEN_NAMES"]
+           "check_byte_lengths", "encode_document", "TIKTOKEN_NAMES"]
 
 TIKTOKEN_NAMES = ("gpt2", "r50k_base", "p50k_base", "p50k_edit", "cl100k_base", "o200k_base",
                   "o200k_harmony")
@@ -42,6 +43,12 @@ _OFFLINE_HINT = (
     "Offline: set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached BPE files, or pass a "
     "local Hugging Face tokenizer folder (with tokenizer.json) or a .gguf file path."
 )
+_TOKENIZER_FILES_HINT = (
+    "Load a complete tokenizer: a folder with tokenizer.json, or vocab.json + merges.txt, or "
+    "tokenizer.model; a .gguf file; or a tiktoken name such as 'gpt2' (on the command line: "
+    "--tokenizer SPEC)."
+)
+_PROBE_TEXT = "hello world"  # plain text every usable tokenizer encodes to at least one id
 
 
 class Tokenizer:
@@ -196,6 +203,7 @@ class HFTokenizer(Tokenizer):
         self.name = name or getattr(hf_tokenizer, "name_or_path", "") or type(hf_tokenizer).__name__
         vocab = backend.get_vocab(with_added_tokens=True)
         self.vocab_size = max(len(hf_tokenizer), max(vocab.values(), default=-1) + 1)
+        self._check_can_encode()
         self.bos_id = hf_tokenizer.bos_token_id
         self.eos_id = hf_tokenizer.eos_token_id
         # The tokenizer's own convention, observed rather than read from config flags that differ
@@ -206,6 +214,19 @@ class HFTokenizer(Tokenizer):
         self._rule, self.byte_note = _hf_byte_rule(self._spec)
         self._lengths = self._compute_byte_lengths()  # may add to byte_note
         self.byte_exact = not self.byte_note
+
+    def _check_can_encode(self) -> None:
+        """ValueError unless the vocabulary has 2+ entries and _PROBE_TEXT encodes to 1+ ids. A model
+        folder without tokenizer files gives AutoTokenizer a 1-entry GPT2Tokenizer that encodes every
+        text to []: evaluated, that is 0 tokens and a perfect-looking 0.0 bits per byte."""
+        probe_ids = self.encode(_PROBE_TEXT)
+        if self.vocab_size >= 2 and probe_ids:
+            return
+        encodes_to = f"to {probe_ids}" if probe_ids else "to no tokens"
+        raise ValueError(
+            f"tokenizer {self.name!r} cannot score text: it has vocab_size={self.vocab_size} and encodes "
+            f"the plain text {_PROBE_TEXT!r} {encodes_to}, so a corpus would count no tokens (or all "
+            f"the same) and its loss would mean nothing. " + _TOKENIZER_FILES_HINT)
 
     def encode(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids
@@ -267,6 +288,38 @@ def _load_hf(name_or_folder: str, gguf_file: str | None) -> HFTokenizer:
     return HFTokenizer(hf, name=gguf_file or Path(name_or_folder).name or name_or_folder)
 
 
+def _load_gguf_tokenizer(spec: str, path: Path) -> HFTokenizer:
+    """The tokenizer stored in a GGUF file's metadata; ValueError naming the file if it is truncated
+    or corrupt (the GGUF reader itself raises struct.error, or numpy's mmap error on an empty file)."""
+    try:
+        from lmloss.models import check_gguf  # the model loader's header check, where it exists
+    except ImportError:
+        check_gguf = None
+    if check_gguf is not None:
+        try:
+            check_gguf(str(path))
+        except ValueError:
+            raise  # it names the file and the fix
+        except Exception as e:
+            raise _gguf_error(spec, path, e) from e
+    try:
+        return _load_hf(str(path.parent.resolve()), path.name)
+    except ImportError as e:
+        raise ValueError(f"loading the tokenizer of {spec!r} needs the gguf package ({e}): "
+                         "pip install gguf") from e
+    except Exception as e:
+        raise _gguf_error(spec, path, e) from e
+
+
+def _gguf_error(spec: str, path: Path, cause: BaseException) -> ValueError:
+    kind = type(cause).__name__ if type(cause).__module__ == "builtins" else \
+        f"{type(cause).__module__}.{type(cause).__name__}"  # struct.error, not "error"
+    return ValueError(
+        f"could not read a tokenizer from GGUF file {spec!r} ({path.stat().st_size} bytes): "
+        f"{kind}: {cause}. The file may be truncated or corrupt (compare its size and "
+        f"sha256 with its source and download it again), or hold no tokenizer. " + _TOKENIZER_FILES_HINT)
+
+
 def load_tokenizer(spec) -> Tokenizer:
     """A Tokenizer from a tiktoken encoding name ('gpt2', 'cl100k_base', ...), a local Hugging Face
     folder, a .gguf file, or a Hugging Face hub name, tried in that order. A Tokenizer, a
@@ -286,18 +339,15 @@ def load_tokenizer(spec) -> Tokenizer:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"GGUF file {spec!r} does not exist")
-        try:
-            return _load_hf(str(path.parent.resolve()), path.name)
-        except ImportError as e:
-            raise ValueError(f"loading the tokenizer of {spec!r} needs the gguf package ({e}): "
-                             "pip install gguf") from e
+        return _load_gguf_tokenizer(spec, path)
     if path.is_dir():
         try:
             return _load_hf(str(path.resolve()), None)
         except Exception as e:
-            raise ValueError(f"{spec!r} is a folder but AutoTokenizer could not load a tokenizer from "
-                             f"it ({type(e).__name__}: {e}); it needs tokenizer.json or the files of "
-                             "a Hugging Face tokenizer") from e
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "nothing"
+            hint = "" if _TOKENIZER_FILES_HINT in str(e) else " " + _TOKENIZER_FILES_HINT
+            raise ValueError(f"{spec!r} is a folder but holds no usable tokenizer (it holds {found}): "
+                             f"{type(e).__name__}: {e}{hint}") from e
     try:
         return _load_hf(spec, None)
     except Exception as e:
@@ -346,3 +396,91 @@ def check_byte_lengths(tokenizer, text: str, ids: list[int] | None = None) -> in
             f"the text has {n_bytes} ({zero} tokens count 0 bytes, e.g. <unk>). "
             f"{tok.byte_note or 'The tokenizer does not reproduce its input byte for byte.'}")
     return n_bytes
+
+
+# A candidate cut starts the right piece with " " + non-space after a non-space, or with a letter or
+# digit right after "\n" that follows a non-space. Python's \s holds all of Unicode White_Space (the
+# \s of tiktoken's and Hugging Face's regexes) and \x1c-\x1f besides, so \S here is never whitespace
+# there.
+_CANDIDATE_CUT = re.compile(r"(?<=\S)(?= \S)|(?<=\S\n)(?=[^\W_])")
+_CUT_CONTEXT_CHARS = 256  # text each side of a cut that verification encodes whole and in halves
+_CUT_TRIES = 8  # candidates verified before the piece is made longer by piece_chars
+
+
+def encode_document(tokenizer, text: str, *, piece_chars: int = 1 << 16) -> array:
+    r"""Same as array("i", tokenizer.encode(text)), id for id, computed in pieces of about
+    piece_chars characters cut at safe boundaries, so that memory stays the text, its ids (4 bytes
+    each) and one piece's worth of tokenizer state. `tokenizer`: a Tokenizer or anything
+    load_tokenizer accepts. A text of up to piece_chars characters is encoded in one call.
+
+    Why: one Hugging Face encode() holds offsets and strings for every token, 150-190 bytes per
+    character (a 20 MB line: 2.2 GB; pieces of 1 << 16: 29 MB, of 1 << 20: 150 MB), and both
+    backends return a Python list (~36 bytes per id).
+
+    The identity relied on: encode(x + y) == encode(x) + encode(y) when no pre-token spans the cut,
+    since BPE then merges within the same pre-tokens either way. Candidate cuts: a single " " between
+    two non-spaces (the space starts the right piece), and the point after a "\n" that lies between
+    a non-space and a letter or digit. The pre-tokenizer regexes of GPT-2 (also SmolLM2's byte-level
+    BPE: 's|'t|..| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+), cl100k_base / Llama-3
+    ('(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|..|\s*[\r\n]|\s+(?!\S)|\s) and o200k_base never
+    hold a non-space followed by a space (a space only starts a pre-token or sits in a whitespace
+    run), nor a "\n" followed by a letter or digit. Both neighbours must be non-spaces: in "\n\nA"
+    or "  A", \s+(?!\S) and \s*[\r\n]+ group the whitespace run differently where a piece ends it;
+    and o200k's " ?[^\s\p{L}\p{N}]+[\r\n/]*" makes ".\n/" one pre-token, hence no cut before "/".
+
+    Tokenizers without such a pre-tokenizer (SentencePiece BPE: Llama-2, Gemma) or that prepend a
+    dummy-prefix "▁" to every call break the identity, so each cut is verified on the tokenizer
+    itself: a window of ~256 characters each side (edges moved to candidate cuts) must give
+    encode(window) == encode(left) + encode(right), else the next candidate is tried; after 8
+    refusals the piece grows by piece_chars, up to the whole text in one call where no cut passes.
+    """
+    tok = load_tokenizer(tokenizer)
+    if not isinstance(text, str):
+        raise TypeError(f"encode_document expects text as str, got {type(text).__name__}; "
+                        "decode bytes first: text.decode('utf-8')")
+    if isinstance(piece_chars, bool) or not isinstance(piece_chars, int) or piece_chars < 1:
+        raise ValueError(f"piece_chars must be a positive int (characters per encode call), got "
+                         f"{piece_chars!r}; the default is {1 << 16}")
+    ids = array("i")
+    start = 0
+    while len(text) - start > piece_chars:
+        cut = _next_cut(tok, text, start, piece_chars)
+        if cut is None:
+            break
+        ids.extend(tok.encode(text[start:cut]))
+        start = cut
+    ids.extend(tok.encode(text[start:] if start else text))
+    return ids
+
+
+def _next_cut(tok: Tokenizer, text: str, start: int, piece_chars: int) -> int | None:
+    """The first candidate cut at or after start + piece_chars that _cut_is_exact accepts, trying
+    _CUT_TRIES candidates, then _CUT_TRIES more a further piece_chars on, ...; None: encode the rest."""
+    target = start + piece_chars
+    while target < len(text):
+        cut = target
+        for n_tried, match in enumerate(_CANDIDATE_CUT.finditer(text, target), start=1):
+            cut = match.start()
+            if _cut_is_exact(tok, text, start, cut):
+                return cut
+            if n_tried == _CUT_TRIES:
+                break
+        else:
+            return None  # no candidate left
+        target = max(target + piece_chars, cut + 1)
+    return None
+
+
+def _cut_is_exact(tok: Tokenizer, text: str, start: int, cut: int) -> bool:
+    """encode(text[lo:hi]) == encode(text[lo:cut]) + encode(text[cut:hi]) for a window lo < cut < hi
+    of about _CUT_CONTEXT_CHARS each side, lo >= start, both edges moved out to candidate cuts where
+    one lies within another _CUT_CONTEXT_CHARS (so that the window starts and ends as pieces do)."""
+    ctx = _CUT_CONTEXT_CHARS
+    lo = max(start, cut - ctx)
+    earlier = [m.start() for m in _CANDIDATE_CUT.finditer(text, max(start, lo - ctx), lo + 2)]
+    lo = max([c for c in earlier if c <= lo], default=lo)
+    hi = min(len(text), cut + ctx)
+    match = _CANDIDATE_CUT.search(text, hi, hi + ctx + 2)
+    hi = match.start() if match else hi
+    whole = list(tok.encode(text[lo:hi]))
+    return whole == list(tok.encode(text[lo:cut])) + list(tok.encode(text[cut:hi]))

@@ -1,14 +1,20 @@
 """Tokenizers: plain-text encoding and exact UTF-8 byte accounting, checked on real tokenizers and on
 a small SentencePiece-style tokenizer built here with hand-computed byte lengths."""
 import json
+import os
+import random
+import subprocess
+import sys
+from array import array
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmloss.tokenizers import (HFTokenizer, check_byte_lengths, load_tokenizer,
-                               token_byte_lengths)
+import lmloss.tokenizers
+from lmloss.tokenizers import (HFTokenizer, Tokenizer, check_byte_lengths, encode_document,
+                               load_tokenizer, token_byte_lengths)
 
 TIKTOKEN = ["gpt2", "cl100k_base", "o200k_base"]
 SMOLLM2 = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -237,3 +243,224 @@ def test_byte_invariant_whole_wikitext(assets, spec, wikitext_raw, request):
     lengths = token_byte_lengths(tok)
     ids = torch.tensor(tok.encode(wikitext_raw))
     assert lengths[ids].sum().item() == len(wikitext_raw.encode("utf-8")) == 1290590
+
+
+# -- tokenizers that would score nothing ---------------------------------------------------------
+
+def test_model_folder_without_tokenizer_is_refused(tiny_model):
+    """config.json + weights, no tokenizer files: AutoTokenizer builds a 1-entry GPT2Tokenizer that
+    encodes every text to [], which would print 0 tokens and bits_per_byte 0.0 with exit 0."""
+    with pytest.raises(ValueError) as err:
+        load_tokenizer(tiny_model)
+    msg = str(err.value)
+    assert tiny_model in msg and "config.json" in msg  # the folder, and what it holds
+    assert "vocab_size=1" in msg and "no tokens" in msg  # what was found
+    assert "tokenizer.json" in msg and "merges.txt" in msg and "--tokenizer" in msg  # the fix
+
+
+@pytest.mark.parametrize("vocab", [{}, {"x": 0, "y": 1, "xy": 2}])
+def test_tokenizer_that_encodes_text_to_nothing_is_refused(vocab):
+    """An empty BPE, and a 3-entry BPE without <unk> that drops every character it does not know."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = models.BPE(vocab, [("x", "y")] if vocab else [])
+    hf = PreTrainedTokenizerFast(tokenizer_object=RustTokenizer(bpe))
+    with pytest.raises(ValueError, match="no tokens"):
+        load_tokenizer(hf)
+
+
+@pytest.mark.parametrize("header_check", [True, False])  # lmloss.models.check_gguf, or only the reader
+@pytest.mark.parametrize("n_bytes", [1000, 0])
+def test_truncated_gguf_is_a_value_error(tmp_path, assets, n_bytes, header_check, monkeypatch):
+    import lmloss.models
+
+    if not header_check:
+        monkeypatch.delattr(lmloss.models, "check_gguf", raising=False)
+    path = tmp_path / "x.gguf"
+    with open(assets / SMOLLM2, "rb") as f:
+        path.write_bytes(f.read(n_bytes))
+    with pytest.raises(ValueError) as err:  # not struct.error or numpy's "cannot mmap an empty file"
+        load_tokenizer(str(path))
+    assert str(path) in str(err.value)
+
+
+# -- encode_document: whole-text ids, computed in pieces -----------------------------------------
+
+class _Recording(Tokenizer):
+    """Passes encode() to `tok` and records the length of every text it is given."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, []
+        self.name, self.vocab_size = tok.name, tok.vocab_size
+
+    def encode(self, text):
+        self.calls.append(len(text))
+        return self.tok.encode(text)
+
+
+def _corpus(assets, which: str) -> str:
+    if which == "wikitext":
+        return (assets / "corpora" / "wikitext-2-raw-v1" / "wiki.test.raw").read_text(encoding="utf-8")
+    path = assets / "corpora" / "lambada" / "lambada_test.jsonl"
+    return "\n\n".join(json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines())
+
+
+def _adversarial_texts() -> dict[str, str]:
+    """Texts that put whitespace runs, '\\r\\n', digits, contractions, CJK and emoji next to the
+    candidate cuts, plus o200k's '.\\n/' (one pre-token across a newline) and no whitespace at all."""
+    rng = random.Random(0)
+    fragments = ["word", "Hello", " ", " ", " ", "  ", "   ", "\n", "\n\n", "\n\n\n", "\t", " \t ", "\r\n",
+                 "\r\n\r\n", "12345", "3.14", "2024", "'s", "'ll", "n't", "’s", "!", "?!", "...", "(", ")",
+                 "/", "\n/", ".\n/", "-\n", "日本語", "のテキスト", "🤗", "🧪🧪", "é", "e\u0301", "\u00a0",
+                 "\u3000", "\x1c", "\u200b", "<|endoftext|>", "ÄÖÜß", "_", "#", " =", " @-@ "]
+    words = ["the", "a", "of", "token", "Perplexity", "naïve", "x", "42", "don't", "It's", "日本", "🤗"]
+    seps = [" ", " ", " ", "  ", "\n", "\n\n", "\t", "\r\n", " \n", "\n "]
+    return {
+        "fragments": "".join(rng.choice(fragments) for _ in range(6000)),
+        "words_and_runs": "".join(rng.choice(words) + rng.choice(seps) for _ in range(4000)),
+        "no_whitespace": "".join(rng.choice(["abc", "123", "!?", "日本", "🤗", "'s"]) for _ in range(4000)),
+        "one_line_single_spaces": " ".join(rng.choice(words) for _ in range(5000)),
+        "newlines_only": "\n".join(rng.choice(words) for _ in range(5000)),
+    }
+
+
+@pytest.mark.parametrize("which", ["wikitext", "lambada"])
+@pytest.mark.parametrize("spec", TIKTOKEN)
+def test_encode_document_equals_encode_tiktoken(assets, spec, which):
+    text = _corpus(assets, which)
+    tok = _Recording(load_tokenizer(spec))
+    ids = encode_document(tok, text, piece_chars=4000)
+    assert isinstance(ids, array) and ids.typecode == "i"
+    assert ids.tolist() == tok.tok.encode(text)
+    pieces = [n for n in tok.calls if n > 2000]  # the rest: windows that verify a cut, the last piece
+    assert len(pieces) >= len(text) // 4100 and max(pieces) <= 4100  # hundreds of cuts, all taken
+    assert sum(pieces) > len(text) - 4000
+
+
+@pytest.mark.parametrize("which", ["wikitext", "lambada"])
+@pytest.mark.parametrize("spec", ["hf-gpt2", pytest.param("smollm2-gguf", marks=pytest.mark.slow)])
+def test_encode_document_equals_encode_hf(spec, which, assets, request):
+    tok = request.getfixturevalue({"hf-gpt2": "hf_gpt2", "smollm2-gguf": "smollm2"}[spec])
+    text = _corpus(assets, which)[:300_000]
+    assert encode_document(tok, text, piece_chars=3000).tolist() == tok.encode(text)
+
+
+@pytest.mark.parametrize("name", list(_adversarial_texts()))
+@pytest.mark.parametrize("spec", [*TIKTOKEN, "hf-gpt2"])
+def test_encode_document_equals_encode_adversarial(spec, name, request, monkeypatch):
+    """Also: the run-time check never has to refuse a candidate cut of these regex pre-tokenizers."""
+    tok = request.getfixturevalue("hf_gpt2") if spec == "hf-gpt2" else load_tokenizer(spec)
+    verdicts, check = [], lmloss.tokenizers._cut_is_exact
+
+    def recorded_check(*args):
+        verdicts.append(check(*args))
+        return verdicts[-1]
+
+    monkeypatch.setattr(lmloss.tokenizers, "_cut_is_exact", recorded_check)
+    text = _adversarial_texts()[name]
+    expected = tok.encode(text)
+    for piece_chars in (50, 700):
+        assert encode_document(tok, text, piece_chars=piece_chars).tolist() == expected, piece_chars
+    assert all(verdicts) and (len(verdicts) > 100 or name == "no_whitespace")
+
+
+def _trained_bpe(normalizer, pre_tokenizer, texts):
+    """A small BPE with a SentencePiece-style '▁', trained here on `texts`."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rust = RustTokenizer(models.BPE(unk_token="<unk>"))
+    rust.normalizer, rust.decoder = normalizer, decoders.Metaspace()
+    if pre_tokenizer is not None:
+        rust.pre_tokenizer = pre_tokenizer
+    rust.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>"],
+                                                        show_progress=False))
+    return load_tokenizer(PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="<unk>"))
+
+
+def test_encode_document_refuses_cuts_a_dummy_prefix_would_change(assets):
+    """Llama-2's form (a '▁' prepended to every call, BPE over the whole text, no pre-tokenizer):
+    every cut changes the ids, so none is taken and the text is encoded in one call. Metaspace with
+    prepend_scheme='always' prepends only where a piece does not start with a space: cuts at spaces
+    are taken, cuts after a newline are refused."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    rows = _corpus(assets, "lambada").split("\n\n")[:400]
+    text = " ".join(rows)[:30_000]
+    prepend = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    llama2 = _Recording(_trained_bpe(prepend, None, rows))
+    assert encode_document(llama2, text, piece_chars=1000).tolist() == llama2.tok.encode(text)
+    assert len(text) in llama2.calls  # every cut was refused: one call on the whole text
+
+    metaspace = _Recording(_trained_bpe(None, pre_tokenizers.Metaspace(prepend_scheme="always"), rows))
+    assert encode_document(metaspace, text, piece_chars=1000).tolist() == metaspace.tok.encode(text)
+    assert max(metaspace.calls) < 1100  # cuts at single spaces are safe here
+    lines = _adversarial_texts()["newlines_only"]
+    metaspace.calls.clear()
+    assert encode_document(metaspace, lines, piece_chars=1000).tolist() == metaspace.tok.encode(lines)
+    assert len(lines) in metaspace.calls  # a piece starting after '\n' would gain a '▁'
+
+
+def test_encode_document_short_text_and_arguments():
+    tok = _Recording(load_tokenizer("gpt2"))
+    assert encode_document(tok, "").tolist() == []
+    assert encode_document(tok, "hello world").tolist() == [31373, 995]
+    tok.calls.clear()
+    text = "a b " * 25
+    assert encode_document(tok, text, piece_chars=100).tolist() == tok.tok.encode(text)
+    assert tok.calls == [100]  # up to piece_chars: one call, no verification
+    assert encode_document("gpt2", "hello world").tolist() == [31373, 995]  # anything load_tokenizer takes
+    with pytest.raises(ValueError, match="piece_chars"):
+        encode_document(tok, text, piece_chars=0)
+    with pytest.raises(TypeError, match="decode"):
+        encode_document(tok, b"bytes")
+
+
+_MEMORY_SCRIPT = r"""
+import json, random, sys
+from lmloss.tokenizers import encode_document, load_tokenizer
+
+def status_bytes(key):  # VmRSS: resident now; VmHWM: its peak since exec or the last reset
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+mode, n_chars, spec = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+tok = load_tokenizer(spec)
+rng = random.Random(0)
+pieces = (tok.decode([i]) for i in range(tok.vocab_size))
+words = [w for w in pieces if w[0] == " " and w[1:].isascii() and w[1:].isalpha()]  # " the", ...
+block = "".join(rng.choice(words) for _ in range(200_000))  # ~1.5 MB of single-token words
+text = "".join([block] * (n_chars // len(block) + 1))[1:n_chars + 1]  # one line, single spaces
+del block
+tok.encode("warm up")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # peak := now, so that building the text above does not count
+before = status_bytes("VmRSS")
+ids = tok.encode(text) if mode == "encode" else encode_document(tok, text)
+increase = status_bytes("VmHWM") - before
+print(json.dumps({"text_bytes": len(text.encode()), "n_tokens": len(ids), "increase_bytes": increase}))
+"""
+
+
+def _peak_increase(mode: str, n_chars: int, spec: str) -> dict:
+    """Peak RSS of a fresh process minus its RSS after building the text and loading the tokenizer.
+    Not getrusage's ru_maxrss: in a child, Linux keeps there the peak of the forking process (pytest,
+    ~1 GB after the GGUF tests) from before exec; /proc/self/status VmHWM counts this process only."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, mode, str(n_chars), spec],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads Linux's /proc/self")
+def test_encode_document_memory_is_a_small_multiple_of_the_text(assets):
+    spec = str(assets / "tokenizers" / "hf-gpt2")
+    old = _peak_increase("encode", 2_000_000, spec)  # whole-text encode: offsets etc. for every token
+    assert old["increase_bytes"] > 20 * old["text_bytes"]  # so the bound below can fail
+    new = _peak_increase("document", 20_000_000, spec)
+    assert new["text_bytes"] == 20_000_000 and new["n_tokens"] > 2_000_000
+    assert new["increase_bytes"] < 4 * new["text_bytes"], str(new)
