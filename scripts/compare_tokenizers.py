@@ -7,19 +7,25 @@ Examples (offline, from the project root):
     python scripts/compare_tokenizers.py --tokenizers gpt2,../shared/assets/tokenizers/hf-gpt2 \\
         --dataset wikitext:stream                      # name:form picks a form (rows, stream, pages)
     python scripts/compare_tokenizers.py --tokenizers o200k_base --dataset notes.txt,data.jsonl
+    python scripts/compare_tokenizers.py --tokenizers gpt2 --dataset posts.jsonl --text-field body
     # with models: token perplexity next to bits per byte (each model under its own tokenizer)
     python scripts/compare_tokenizers.py --model ../shared/assets/models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --dataset wikitext --limit 4
 
 Only bits per byte compares models with different tokenizers: token perplexity is per token, and
-the tokens are not the same units (see the bytes/token column).
+the tokens are not the same units (see the bytes/token column). A bad input ends in one line
+"error: ..." and exit code 2 (--debug shows the traceback); --json and --plot are checked before any
+work, and --json is replaced all at once, never left half-written.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import lmloss  # noqa: E402
 from lmloss.data import FORMS, load_corpus  # noqa: E402
-from lmloss.tokenizers import load_tokenizer  # noqa: E402
+from lmloss.models import DTYPES, resolve_device  # noqa: E402
+from lmloss.outputs import check_output_path, write_atomic  # noqa: E402
+from lmloss.tokenizers import encode_document, load_tokenizer  # noqa: E402
 
 DEFAULT_TOKENIZERS = "gpt2,cl100k_base,o200k_base"
 COLUMNS = (  # (key, header, format)
@@ -37,19 +45,26 @@ COLUMNS = (  # (key, header, format)
     ("vocab_used", "vocab used", "{:.1%}"), ("bytes_exact", "bytes exact", "{}"),
 )
 MODEL_COLUMNS = (("token_perplexity", "token ppl", "{:.3f}"), ("bits_per_byte", "bits/byte", "{:.4f}"))
+FIELD_SUFFIXES = (".jsonl", ".parquet")  # the files whose records have fields (--text-field)
 
 
 def split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def load_dataset_spec(spec: str, *, data_dir: str | None, limit: int | None):
-    """'wikitext', 'wikitext:stream' or a file path -> (label, documents)."""
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """'wikitext:stream' -> ('wikitext', 'stream'); 'wikitext' or a path -> (spec, None)."""
     name, _, form = spec.rpartition(":")
     if not name or form not in FORMS:
-        name, form = spec, None
+        return spec, None
+    return name, form
+
+
+def load_dataset_spec(spec: str, *, data_dir: str | None, limit: int | None, field: str | None = None):
+    """'wikitext', 'wikitext:stream' or a file path -> (label, documents)."""
+    name, form = split_spec(spec)
     label = spec if form is None else f"{name}:{form}"
-    return label, load_corpus(name, form=form, data_dir=data_dir, limit=limit)
+    return label, load_corpus(name, form=form, data_dir=data_dir, limit=limit, field=field)
 
 
 def measure(tokenizer, corpus: str, documents) -> dict:
@@ -59,12 +74,20 @@ def measure(tokenizer, corpus: str, documents) -> dict:
     seen: set[int] = set()
     start = time.perf_counter()
     for doc in documents:
-        ids = tokenizer.encode(doc.text)
+        ids = encode_document(tokenizer, doc.text)  # array('i'): bounded memory on huge documents
         n_tokens += len(ids)
         n_token_bytes += sum(lengths[i] for i in ids)
         n_text_bytes += len(doc.text.encode("utf-8"))
         seen.update(ids)
     encode_s = time.perf_counter() - start
+    if n_tokens == 0:  # the only zero divisor: n_words >= 1 per document (re.split gives >= 1 piece)
+        if n_text_bytes == 0:
+            raise ValueError(f"corpus {corpus!r} has no text ({len(documents)} documents, all empty); "
+                             "pass a corpus with text")
+        raise ValueError(
+            f"tokenizer {tokenizer.name!r} encodes the {n_text_bytes:,} bytes of corpus {corpus!r} to no "
+            "tokens: it is not a usable tokenizer for this text. A model folder without tokenizer files "
+            "gives such a tokenizer; pass a folder with tokenizer.json, a .gguf file or a tiktoken name")
     n_bytes = sum(d.n_bytes for d in documents)
     n_chars = sum(d.n_chars for d in documents)
     n_words = sum(d.n_words for d in documents)
@@ -77,18 +100,21 @@ def measure(tokenizer, corpus: str, documents) -> dict:
     )
 
 
-def evaluate_row(model_spec: str, corpus: str, documents, args) -> dict:
-    """Evaluate one model under its own tokenizer; the row carries both perplexities."""
+def evaluate_rows(model_spec: str, corpora, args) -> list[dict]:
+    """One row per corpus for one model, under the model's own tokenizer; each row carries both
+    perplexities. The tokenizer is measured first, so that one which cannot encode the text fails
+    before the model loads; the model loads once for all corpora."""
     tokenizer = load_tokenizer(model_spec)
+    rows = [measure(tokenizer, label, docs) for label, docs in corpora]
     model = lmloss.load_model(model_spec, device=args.device, dtype=args.dtype)
-    try:
-        result = lmloss.evaluate(model, tokenizer, documents, max_length=args.max_length, progress=False)
-    except NotImplementedError:
-        raise SystemExit("--model needs lmloss.evaluate, which is not implemented in this checkout") from None
-    row = measure(tokenizer, corpus, documents)
-    row.update(model=model_spec, token_perplexity=result.totals.token_perplexity,
-               bits_per_byte=result.totals.bits_per_byte)
-    return row
+    for row, (_, docs) in zip(rows, corpora):
+        try:
+            result = lmloss.evaluate(model, tokenizer, docs, max_length=args.max_length, progress=False)
+        except NotImplementedError:
+            raise SystemExit("--model needs lmloss.evaluate, which is not implemented in this checkout") from None
+        row.update(model=model_spec, token_perplexity=result.totals.token_perplexity,
+                   bits_per_byte=result.totals.bits_per_byte)
+    return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -100,11 +126,19 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
+# -- outputs: checked before any work, replaced all at once ------------------------------------------
+
+def _import_matplotlib():
     try:
         import matplotlib
     except ImportError as e:
-        raise SystemExit(f"--plot needs matplotlib: pip install matplotlib ({e})") from None
+        raise ValueError(f"--plot needs matplotlib: pip install matplotlib ({e})") from None
+    return matplotlib
+
+
+def plot_png(rows: list[dict]) -> bytes:
+    """A PNG bar chart of bytes/token: one group of bars per corpus, one bar per tokenizer."""
+    matplotlib = _import_matplotlib()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -123,47 +157,108 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_title("Tokenizer compression (higher = fewer tokens for the same text)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    return buf.getvalue()
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+def _positive_int(option: str, parser: argparse.ArgumentParser, value: int | None, what: str) -> None:
+    if value is not None and value < 1:
+        parser.error(f"{option} must be >= 1 ({what}), got {value}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizers", default=DEFAULT_TOKENIZERS,
-                   help="comma list: tiktoken names, hub names, tokenizer folders or .gguf paths")
+                   help="comma list: tiktoken names, hub names, tokenizer folders or .gguf paths "
+                        "(may be empty with --model)")
     p.add_argument("--dataset", default="wikitext,lambada",
                    help="comma list: corpus names (wikitext, lambada; name:form) or .txt/.jsonl/.parquet paths")
+    p.add_argument("--text-field", default=None,
+                   help="the text field of .jsonl/.parquet records (default: 'text', else 'page')")
     p.add_argument("--data-dir", default=None, help="local corpus mirror (default $LMLOSS_DATA_DIR)")
     p.add_argument("--limit", type=int, default=None, help="first N documents of each corpus")
     p.add_argument("--model", default=None,
                    help="comma list of models (hub name, folder, .gguf): evaluate each under its own tokenizer")
     p.add_argument("--max-length", type=int, default=None, help="evaluation window (default: model context)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (with --model)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--json", default=None, help="write one JSON row per (tokenizer, corpus) here")
-    p.add_argument("--plot", default=None, help="write a PNG bar chart of bytes/token here")
-    return p.parse_args(argv)
+    p.add_argument("--plot", default=None, help="write a PNG bar chart of bytes/token here (.png)")
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback")
+    args = p.parse_args(argv)
+    _positive_int("--limit", p, args.limit, "the first N documents of each corpus")
+    _positive_int("--max-length", p, args.max_length, "tokens per evaluation window")
+    if not split_list(args.dataset):
+        p.error(f"--dataset names no corpus (got {args.dataset!r}); expected a comma list of corpus names "
+                "(wikitext, lambada; name:form) or .txt/.jsonl/.parquet paths, e.g. --dataset wikitext,lambada")
+    if args.model is not None and not split_list(args.model):
+        p.error(f"--model names no model (got {args.model!r}); expected a comma list of hub names, "
+                "folders or .gguf paths, or leave --model out to compare tokenizers only")
+    if not split_list(args.tokenizers) and args.model is None:
+        p.error(f"--tokenizers names no tokenizer (got {args.tokenizers!r}); expected a comma list of "
+                f"tiktoken names, hub names, tokenizer folders or .gguf paths, e.g. --tokenizers "
+                f"{DEFAULT_TOKENIZERS} (it may be empty only with --model)")
+    return args
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
+def check_args(args: argparse.Namespace) -> None:
+    """What can be checked before loading anything: output paths, matplotlib, device, --text-field."""
+    if args.json:
+        check_output_path("--json", args.json)
+    if args.plot:
+        check_output_path("--plot", args.plot, suffixes=(".png",))
+        _import_matplotlib()
+    if args.model:
+        resolve_device(args.device)
+    if args.text_field is not None and not any(
+            Path(split_spec(s)[0]).suffix.lower() in FIELD_SUFFIXES for s in split_list(args.dataset)):
+        raise ValueError(f"--text-field {args.text_field!r} picks a field of .jsonl/.parquet records, and "
+                         f"--dataset {args.dataset!r} names no such file; drop --text-field or pass one")
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """The rows for `args` (from parse_args), printed as a table and written to --json / --plot."""
+    check_args(args)
     start = time.perf_counter()
-    corpora = [load_dataset_spec(s, data_dir=args.data_dir, limit=args.limit) for s in split_list(args.dataset)]
+    corpora = [load_dataset_spec(s, data_dir=args.data_dir, limit=args.limit, field=args.text_field)
+               for s in split_list(args.dataset)]
     rows = []
     for spec in split_list(args.tokenizers):
         tok = load_tokenizer(spec)
         rows += [measure(tok, label, docs) for label, docs in corpora]
     for spec in split_list(args.model or ""):
-        rows += [evaluate_row(spec, label, docs, args) for label, docs in corpora]
+        rows += evaluate_rows(spec, corpora, args)
     elapsed_s = time.perf_counter() - start
     print(markdown_table(rows))
     print(f"\n{len(rows)} rows in {elapsed_s:.1f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        write_atomic(args.json, (json.dumps(rows, indent=1) + "\n").encode("utf-8"))
     if args.plot:
-        plot(rows, args.plot)
+        write_atomic(args.plot, plot_png(rows))
     return rows
 
 
+def main(argv=None) -> int:
+    """Exit code: 0 done, 2 a bad input (one line on stderr; --debug shows the traceback), 130 interrupted."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as err:  # a user's input: a message, not a traceback
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
