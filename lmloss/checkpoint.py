@@ -1,22 +1,56 @@
 """Durable per-document results, so an interrupted evaluation resumes where it stopped.
 
-A checkpoint is a JSON-lines file next to the results file: line 1 is a header holding the run's
-fingerprint (model, dataset, windows, dtype, lmloss version, ...); every later line is one finished
-document's sums, flushed and fsynced before the next document starts. A process killed mid-write
-leaves at most one torn last line, which a resume drops. Floats round-trip exactly through JSON
-(Python writes the shortest repr that reads back to the same float64), so resumed totals are
-bit-identical to an uninterrupted run's.
+A checkpoint is a JSON-lines file next to the results file. Line 1 is a header holding the run's
+fingerprint (model, tokenizer, windows, dtype, lmloss version, and the corpus's content hash and
+document count); every later line is one finished document's sums, flushed and fsynced before the
+next document starts. Every line carries a checksum of its own content:
+
+    line = json.dumps({**obj, "checksum": sha256(canonical json of obj)[:16]})
+
+so an edited, bit-flipped or spliced line is found. A process killed mid-write leaves at most one
+torn last line (no newline), which a resume drops; any other unreadable line is corruption, and
+reading stops with an error instead of silently dropping the rows after it. Each row names its
+document by index and by the hash of its text, and its byte, word and character counts must match
+the document it claims (`check_rows`), so a checkpoint of a changed corpus is refused.
+
+Floats round-trip exactly through JSON (Python writes the shortest repr that reads back to the
+same float64), so restored rows are bit-identical to the rows written.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
+import math
 import os
 from pathlib import Path
+from typing import Mapping, Sequence
 
-__all__ = ["Checkpoint", "checkpoint_path"]
+__all__ = ["Checkpoint", "checkpoint_path", "checkpoint_files", "read_checkpoint", "count_rows",
+           "check_rows", "text_sha256", "corpus_sha256"]
 
-_KIND = "lmloss-checkpoint-v1"
+_KIND = "lmloss-checkpoint-v2"
+_COUNTS = ("n_tokens", "n_bytes", "n_words", "n_chars")
+
+
+def text_sha256(text: str) -> str:
+    """The first 16 hex digits of sha256(text.encode("utf-8")): a document's identity in a checkpoint."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def corpus_sha256(documents: Sequence) -> str:
+    """sha256 over the documents' text hashes, in order: changes when any text, or the order or
+    number of documents, changes."""
+    h = hashlib.sha256()
+    for d in documents:
+        h.update(text_sha256(d.text).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _checksum(obj: dict) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
 def checkpoint_path(output: str | os.PathLike, rank: int = 0) -> Path:
@@ -26,23 +60,53 @@ def checkpoint_path(output: str | os.PathLike, rank: int = 0) -> Path:
     return out.with_name(out.name + suffix)
 
 
-def _read_lines(path: Path) -> tuple[dict | None, list[dict], int]:
-    """(header, rows, byte length of the complete lines); a torn last line is left out."""
+def checkpoint_files(output: str | os.PathLike) -> list[Path]:
+    """Every rank's checkpoint of `output` that exists (a resumed run may use another world size)."""
+    first = checkpoint_path(output)
+    pattern = glob.escape(str(first.parent / first.name[:-len(".partial.jsonl")])) + ".partial*.jsonl"
+    return sorted(Path(p) for p in glob.glob(pattern))
+
+
+def _lines(path: Path) -> tuple[list[bytes], int]:
+    """(complete lines, byte length of them); a torn last line (no newline) is left out."""
     raw = path.read_bytes()
-    header, rows, good = None, [], 0
-    for line in raw.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break  # torn by a kill mid-write
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if header is None:
-            header = obj
-        else:
-            rows.append(obj)
-        good += len(line)
-    return header, rows, good
+    lines = raw.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(b"\n"):
+        lines.pop()  # torn by a kill mid-write
+    return lines, sum(len(line) for line in lines)
+
+
+def count_rows(path: str | os.PathLike) -> int:
+    """Complete lines after the header, without checking them: how much a fresh start would discard."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines, _ = _lines(path)
+    return max(0, len(lines) - 1)
+
+
+def _corrupt(path: Path, line_no: int, why: str, n_lines: int) -> ValueError:
+    return ValueError(
+        f"checkpoint {path} is corrupt at line {line_no} of {n_lines} ({why}). lmloss wrote every line "
+        "with a checksum, so the file was changed or damaged after it was written; resuming would "
+        "drop or trust rows it cannot vouch for. Restore the file, or pass --overwrite to start the "
+        "run over (its rows are then discarded).")
+
+
+def _check_row_fields(row: dict) -> str:
+    """'' if row has the fields and types of a document row, else what is wrong."""
+    if not isinstance(row.get("index"), int) or isinstance(row.get("index"), bool) or row["index"] < 0:
+        return f"index {row.get('index')!r} is not a non-negative integer"
+    nll = row.get("nll_nats")
+    if not isinstance(nll, (int, float)) or isinstance(nll, bool) or not math.isfinite(nll) or nll < 0:
+        return f"nll_nats {nll!r} is not a finite non-negative number"
+    for key in _COUNTS:
+        v = row.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return f"{key} {v!r} is not a non-negative integer"
+    if not isinstance(row.get("text_sha256"), str):
+        return "it has no text_sha256"
+    return ""
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -50,27 +114,77 @@ def _diff(a: dict, b: dict) -> list[str]:
     return [f"{k}: checkpoint has {a.get(k)!r}, this run has {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-class Checkpoint:
-    """Append-only record of finished documents for one run configuration."""
+def read_checkpoint(path: str | os.PathLike, fingerprint: dict) -> dict[int, dict]:
+    """The rows of a checkpoint written for `fingerprint`, by document index, every line verified.
 
-    def __init__(self, path: str | os.PathLike, fingerprint: dict, *, resume: bool):
-        self.path = Path(path)
-        self.fingerprint = json.loads(json.dumps(fingerprint))  # normalized as it will read back
-        self.rows: dict[int, dict] = {}
-        if resume and self.path.exists():
-            header, rows, good = _read_lines(self.path)
-            if header is None or header.get("kind") != _KIND:
-                raise ValueError(f"{self.path} is not an lmloss checkpoint; delete it or run without --resume")
-            diffs = _diff(header["fingerprint"], self.fingerprint)
+    ValueError if the file is not an lmloss checkpoint, belongs to another configuration (the keys
+    that differ are named), has a corrupt line anywhere but a torn last one, a malformed row, or
+    a document index twice. A file with no complete line (killed while writing its header) has no rows.
+    """
+    path = Path(path)
+    lines, _ = _lines(path)
+    fingerprint = json.loads(json.dumps(fingerprint))  # normalized as it reads back
+    rows: dict[int, dict] = {}
+    for n, line in enumerate(lines, 1):
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _corrupt(path, n, f"not JSON: {e}", len(lines)) from None
+        if n == 1 and (not isinstance(obj, dict) or obj.get("kind") != _KIND):
+            kind = obj.get("kind") if isinstance(obj, dict) else None
+            raise ValueError(f"{path} is not an lmloss checkpoint of this version (header kind {kind!r}, "
+                             f"expected {_KIND!r}); pass --overwrite to start over")
+        if not isinstance(obj, dict) or _checksum({k: v for k, v in obj.items() if k != "checksum"}) != obj.get("checksum"):
+            raise _corrupt(path, n, "its checksum does not match its content", len(lines))
+        if n == 1:
+            diffs = _diff(obj.get("fingerprint", {}), fingerprint)
             if diffs:
-                raise ValueError(
-                    f"cannot resume from {self.path}: it belongs to another configuration\n  "
-                    + "\n  ".join(diffs)
-                    + "\nRerun with the same settings, or without --resume to start over."
-                )
+                raise ValueError(f"cannot resume from {path}: it belongs to another configuration\n  "
+                                 + "\n  ".join(diffs)
+                                 + "\nRerun with the same settings, or pass --overwrite to start over.")
+            continue
+        del obj["checksum"]
+        why = _check_row_fields(obj)
+        if why:
+            raise _corrupt(path, n, f"malformed row: {why}", len(lines))
+        if obj["index"] in rows:
+            raise _corrupt(path, n, f"document {obj['index']} is recorded twice", len(lines))
+        rows[obj["index"]] = obj
+    return rows  # a file killed before its header was complete holds no rows
+
+
+def check_rows(rows: Mapping[int, dict], documents: Sequence) -> None:
+    """ValueError unless every row's index is in range and its text hash and byte, word and
+    character counts match that document (the corpus is the one the checkpoint was written for)."""
+    for i, row in rows.items():
+        if not 0 <= i < len(documents):
+            raise ValueError(f"checkpoint row for document {i} is out of range: the corpus has "
+                             f"{len(documents)} documents. Pass --overwrite to start over.")
+        doc = documents[i]
+        want = dict(text_sha256=text_sha256(doc.text), n_bytes=doc.n_bytes, n_words=doc.n_words,
+                    n_chars=doc.n_chars)
+        bad = [f"{k}: checkpoint {row.get(k)!r}, corpus {v!r}" for k, v in want.items() if row.get(k) != v]
+        if bad:
+            raise ValueError(f"checkpoint row for document {i} does not match that document of the "
+                             f"corpus ({'; '.join(bad)}): the corpus changed since the checkpoint was "
+                             "written. Pass --overwrite to start over.")
+
+
+class Checkpoint:
+    """Append-only, fsynced record of finished documents for one run configuration.
+
+    keep=False starts the file anew (header only); keep=True appends to the file as it is, after
+    dropping a torn last line (read and verify it with read_checkpoint first).
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict, *, keep: bool = False):
+        self.path = Path(path)
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+        self.n_appended = 0
+        if keep and self.path.is_file() and self.path.stat().st_size:
+            _, good = _lines(self.path)
             with open(self.path, "r+b") as f:  # drop a torn last line before appending
                 f.truncate(good)
-            self.rows = {int(r["index"]): r for r in rows}
             self._file = open(self.path, "a", encoding="utf-8")
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,14 +192,17 @@ class Checkpoint:
             self._write({"kind": _KIND, "fingerprint": self.fingerprint})
 
     def _write(self, obj: dict) -> None:
-        self._file.write(json.dumps(obj) + "\n")
+        self._file.write(json.dumps({**obj, "checksum": _checksum(obj)}, allow_nan=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
     def append(self, row: dict) -> None:
-        """Record one finished document (a dict with an integer "index"), durably."""
-        self.rows[int(row["index"])] = row
+        """Record one finished document's row (index, nll_nats, counts, text_sha256), durably."""
+        why = _check_row_fields(row)
+        if why:
+            raise ValueError(f"not a document row: {why}")
         self._write(row)
+        self.n_appended += 1
 
     def close(self) -> None:
         if not self._file.closed:

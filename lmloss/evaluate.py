@@ -17,14 +17,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from lmloss.checkpoint import check_rows, text_sha256
 from lmloss.metrics import LossTotals
 from lmloss.windows import Window, plan_windows
 
-__all__ = ["EvalResult", "evaluate", "score_windows", "bootstrap_ci"]
+__all__ = ["EvalResult", "evaluate", "score_windows", "bootstrap_ci", "check_tokenizer_fits"]
 
 _HEAD_ROWS = 2048  # rows of logits built at once on the logits path: 2048 x V floats
 _GROUP_BATCHES = 16  # batches per group of documents sorted together (_batch_order)
@@ -44,6 +45,7 @@ class EvalResult:
     token_nll: list[torch.Tensor] | None = None  # per document, float32, in target order
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    resumed_documents: int = 0  # rows restored from done_rows, not scored in this call
 
     @property
     def tokens_per_s(self) -> float:
@@ -157,13 +159,15 @@ def _batch_order(windows: Sequence[Window], *, group_size: int) -> list[int]:
 
 
 def score_windows(model, tokens: Sequence[Sequence[int]], windows: Sequence[Window], *,
-                  batch_size: int = 8, head_impl: str = "fused",
-                  notes: list | None = None) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+                  batch_size: int = 8, head_impl: str = "fused", notes: list | None = None,
+                  skip: frozenset[int] = frozenset()) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
     """Yield (window indices, per-token NLL of each window's scored targets (float32, CPU)) per batch.
 
     Windows are taken in groups of consecutive documents, longest first within a group (ties in
-    the given order), `batch_size` at a time: little padding, and documents finish as the run goes. A caller
-    that shards work (one rank's share of `windows`) gets the same per-window numbers.
+    the given order), `batch_size` at a time: little padding, and documents finish as the run goes.
+    The batches depend only on `windows` and `batch_size`. `skip`: window indices whose results are
+    not needed; a batch of skipped windows only is not computed, a batch holding any other window
+    is computed whole, so every window gets the numbers it gets in a run without `skip`.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -174,6 +178,8 @@ def score_windows(model, tokens: Sequence[Sequence[int]], windows: Sequence[Wind
     with torch.inference_mode():
         for lo in range(0, len(order), batch_size):
             idx = order[lo:lo + batch_size]
+            if skip and all(i in skip for i in idx):
+                continue
             batch = [windows[i] for i in idx]
             ids, rows, cols, targets = _batch_tensors(batch, tokens, model.device)
             nll = _scored_nll(model, ids, rows, cols, targets, state).float().cpu()
@@ -188,12 +194,65 @@ def _check_documents(documents) -> None:
                         f"{type(documents[0]).__name__} without {missing}; use lmloss.load_corpus(...)")
 
 
+def _text_ids_limit(tokenizer) -> int:
+    """1 + the largest id the tokenizer can emit for plain text: ids with a byte length (special and
+    unused ids count 0 bytes and never come out of encode()), else its whole vocabulary."""
+    lengths = tokenizer.byte_lengths() if hasattr(tokenizer, "byte_lengths") else None
+    if not lengths:
+        return int(tokenizer.vocab_size)
+    return 1 + max((i for i, n in enumerate(lengths) if n > 0), default=-1)
+
+
+def check_tokenizer_fits(tokenizer, model_vocab: int | None, model_name: str = "the model") -> None:
+    """ValueError unless the tokenizer's text ids index the model's embedding and its vocabulary is
+    the model's up to padding: tokenizer.vocab_size >= model_vocab - max(1024, 2% of model_vocab)
+    (checkpoints pad embeddings to a multiple of 64-1024: 50257 -> 50304, 50295 -> 51200)."""
+    if not model_vocab:
+        return
+    name = getattr(tokenizer, "name", type(tokenizer).__name__)
+    limit = _text_ids_limit(tokenizer)
+    fix = "pass --tokenizer with the model's own tokenizer (or drop --tokenizer to use it)"
+    if limit > model_vocab:
+        raise ValueError(f"tokenizer {name!r} emits ids up to {limit - 1}, but {model_name} has "
+                         f"{model_vocab} embedding rows: it is not this model's tokenizer; {fix}")
+    if tokenizer.vocab_size < model_vocab - max(1024, model_vocab // 50):
+        raise ValueError(f"tokenizer {name!r} has {tokenizer.vocab_size} ids, but {model_name} has a "
+                         f"vocabulary of {model_vocab}: more than padding apart, so it is not this "
+                         f"model's tokenizer; {fix}")
+
+
+def _tokenize(tokenizer, documents, doc_ids, vocab_size: int) -> list:
+    """Token ids of each document; ValueError for text that encodes to nothing or to ids past the
+    model's embedding (either would give a number that is not the model's loss on the text)."""
+    from lmloss.tokenizers import Tokenizer, encode_document
+
+    tokens = []
+    for k, d in zip(doc_ids, documents):
+        # An lmloss Tokenizer encodes long texts in pieces (bounded memory, the same ids).
+        if isinstance(tokenizer, Tokenizer):
+            ids = encode_document(tokenizer, d.text)
+        else:
+            ids = tokenizer.encode(d.text)
+        name = getattr(tokenizer, "name", type(tokenizer).__name__)
+        if d.text and not len(ids):
+            raise ValueError(f"tokenizer {name!r} encodes document {k} ({len(d.text)} characters, "
+                             f"{d.text[:40]!r}...) to no tokens: it is not a working tokenizer for this "
+                             "text; pass the model's own tokenizer")
+        top = max(ids, default=0)
+        if top >= vocab_size:
+            raise ValueError(f"tokenizer {name!r} gives id {top} in document {k}, past the model's "
+                             f"{vocab_size} embedding rows: pass the model's own tokenizer")
+        tokens.append(ids)
+    return tokens
+
+
 def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
              max_length: int | None = None, stride: int | None = None, prefix_id: int | None = None,
              every_window: bool = False, batch_size: int = 8, head_impl: str = "fused",
              keep_token_nll: bool = False, progress: bool = True,
              on_document: Callable[[dict], None] | None = None,
-             indices: Sequence[int] | None = None) -> EvalResult:
+             indices: Sequence[int] | None = None,
+             done_rows: Mapping[int, dict] | None = None) -> EvalResult:
     """Score every token of every document once; float64 sums per document and overall.
 
     model: a LoadedModel (lmloss.load_model) or a transformers causal LM (wrapped on its device).
@@ -203,8 +262,15 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
     every_window (for "sliding" the first token is then context only, as in the HF guide).
     head_impl: "fused" or "logits" (see score_windows).
     on_document(row) is called as soon as a document's last window is scored.
-    indices: score only documents[i] for i in indices (a rank's shard, or what a resumed run has
-    left); rows keep the documents' indices in the whole corpus.
+    indices: score only documents[i] for i in indices (a rank's shard); rows keep the documents'
+    indices in the whole corpus.
+    done_rows: {index: row} of documents scored before (a checkpoint's rows). Each is checked
+    against its document (text hash, counts, tokens under this plan) and returned as is. The
+    batches are those of the run without done_rows, and a batch holding any unfinished document
+    is computed whole, so the other documents' numbers are bit-identical to that run's (same
+    device, dtype, batch size and thread count; a document's loss moves by float rounding, ~1e-6
+    relative, when it is batched with other neighbours).
+    ValueError for a run that would score no token, and for a tokenizer that does not fit the model.
     """
     from lmloss.models import LoadedModel, load_model
 
@@ -213,6 +279,8 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
         param = next(model.parameters())
         model = load_model(model, device=str(param.device), dtype=str(param.dtype).removeprefix("torch."))
     _check_documents(documents)
+    done_rows = dict(done_rows or {})
+    check_rows(done_rows, documents)
     doc_ids = list(range(len(documents))) if indices is None else [int(i) for i in indices]
     documents = [documents[i] for i in doc_ids]
     ctx = model.context_length
@@ -224,7 +292,8 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
                          f"pass max_length <= {ctx}")
     if prefix_id is None and (plan == "lm-eval" or every_window):
         prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
-    tokens = [tokenizer.encode(d.text) for d in documents]
+    check_tokenizer_fits(tokenizer, model.vocab_size, model.name)
+    tokens = _tokenize(tokenizer, documents, doc_ids, model.vocab_size)
     windows = plan_windows([len(t) for t in tokens], plan=plan, max_length=max_length, stride=stride,
                            prefix_id=prefix_id, every_window=every_window)
     config = dict(model=model.name, tokenizer=getattr(tokenizer, "name", None), plan=plan,
@@ -232,29 +301,45 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
                   batch_size=batch_size, head_impl=head_impl, device=str(model.device),
                   dtype=str(model.dtype).removeprefix("torch."), n_documents=len(documents),
                   n_windows=len(windows))
-    return _run(model, documents, tokens, windows, config, start, batch_size=batch_size,
-                head_impl=head_impl, keep_token_nll=keep_token_nll, progress=progress,
-                on_document=on_document, doc_ids=doc_ids)
+    done = {k: done_rows[i] for k, i in enumerate(doc_ids) if i in done_rows}
+    result = _run(model, documents, tokens, windows, config, start, batch_size=batch_size,
+                  head_impl=head_impl, keep_token_nll=keep_token_nll, progress=progress,
+                  on_document=on_document, doc_ids=doc_ids, done=done)
+    if documents and result.totals.n_tokens == 0:
+        raise ValueError(f"no token to score: the {len(documents)} documents encode to "
+                         f"{sum(map(len, tokens))} tokens under this plan; pass a corpus with text")
+    return result
 
 
 def _run(model, documents, tokens, windows, config, start, *, batch_size, head_impl, keep_token_nll,
-         progress, on_document, doc_ids) -> EvalResult:
-    """The loop proper: score batches, fold per-window sums into per-document float64 sums."""
+         progress, on_document, doc_ids, done) -> EvalResult:
+    """The loop proper: score batches, fold per-window sums into per-document float64 sums.
+    done: {position in documents: row} of documents restored, not scored."""
     from tqdm.auto import tqdm
 
     n_docs = len(documents)
     doc_windows: list[list[int]] = [[] for _ in range(n_docs)]
     for i, w in enumerate(windows):
         doc_windows[w.doc].append(i)
+    for k, row in done.items():
+        n_scored = sum(windows[i].n_scored for i in doc_windows[k])
+        if row["n_tokens"] != n_scored:
+            raise ValueError(f"checkpoint row for document {doc_ids[k]} says {row['n_tokens']} tokens, "
+                             f"this run scores {n_scored} for it: the checkpoint does not belong to "
+                             "this corpus and plan. Pass --overwrite to start over.")
+    skip = frozenset(i for k in done for i in doc_windows[k])
     pending = [len(mine) for mine in doc_windows]  # windows left per document
     window_nll = [0.0] * len(windows)
     per_token: list = [None] * len(windows)
     pos_sum = torch.zeros(config["max_length"], dtype=torch.float64)  # by input position
     pos_count = torch.zeros(config["max_length"], dtype=torch.int64)
-    rows: list[dict | None] = [None] * n_docs
+    rows: list[dict | None] = [done.get(k) for k in range(n_docs)]
     notes = list(model.notes)
-    bar = tqdm(total=sum(w.n_scored for w in windows), unit="tok", unit_scale=True,
-               disable=not progress, desc="scoring", dynamic_ncols=True)
+    if done:
+        notes.append(f"{len(done)} documents restored from a checkpoint: their sums are in the totals, "
+                     "their tokens are not in the per-position sums or the per-token NLL")
+    bar = tqdm(total=sum(w.n_scored for i, w in enumerate(windows) if i not in skip), unit="tok",
+               unit_scale=True, disable=not progress, desc="scoring", dynamic_ncols=True)
 
     def finish(doc: int) -> None:
         mine = doc_windows[doc]
@@ -264,22 +349,25 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
         d = documents[doc]
         rows[doc] = dict(index=doc_ids[doc], name=getattr(d, "name", ""), nll_nats=nll,
                          n_tokens=sum(windows[i].n_scored for i in mine),
-                         n_bytes=d.n_bytes, n_words=d.n_words, n_chars=d.n_chars)
+                         n_bytes=d.n_bytes, n_words=d.n_words, n_chars=d.n_chars,
+                         text_sha256=text_sha256(d.text))
         if on_document is not None:
             on_document(rows[doc])
 
     for doc in range(n_docs):
-        if pending[doc] == 0:  # an empty document: nothing to score, still a row
+        if pending[doc] == 0 and doc not in done:  # an empty document: nothing to score, still a row
             finish(doc)
     for idx, nlls in score_windows(model, tokens, windows, batch_size=batch_size,
-                                   head_impl=head_impl, notes=notes):
+                                   head_impl=head_impl, notes=notes, skip=skip):
         for i, nll in zip(idx, nlls):
+            if i in skip:
+                continue
             w = windows[i]
             nll64 = nll.double()
             window_nll[i] = nll64.sum().item()
             if not math.isfinite(window_nll[i]):
-                raise ValueError(f"non-finite loss in document {w.doc}, window {i} ({w}): check the "
-                                 "model's logits (dtype overflow, NaN weights)")
+                raise ValueError(f"non-finite loss in document {doc_ids[w.doc]}, window {i} ({w}): check "
+                                 "the model's logits (dtype overflow, NaN weights)")
             first = w.n_inputs - w.n_scored
             pos_sum[first:first + w.n_scored] += nll64
             pos_count[first:first + w.n_scored] += 1
@@ -288,13 +376,13 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
             pending[w.doc] -= 1
             if pending[w.doc] == 0:
                 finish(w.doc)
-        bar.update(sum(windows[i].n_scored for i in idx))
+        bar.update(sum(windows[i].n_scored for i in idx if i not in skip))
     bar.close()
     elapsed = time.perf_counter() - start
     totals = LossTotals.from_rows(rows)
     token_nll = None
     if keep_token_nll:
-        token_nll = [torch.cat([per_token[i] for i in doc_windows[d]]) if doc_windows[d]
+        token_nll = [torch.cat([per_token[i] for i in doc_windows[d]]) if doc_windows[d] and d not in done
                      else torch.zeros(0) for d in range(n_docs)]
     return EvalResult(totals, rows, config, list(windows), window_nll, pos_sum.tolist(), pos_count.tolist(),
-                      token_nll, elapsed, notes)
+                      token_nll, elapsed, notes, resumed_documents=len(done))

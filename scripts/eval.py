@@ -15,12 +15,12 @@ so that the command line wins.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import tomllib
 from pathlib import Path
 
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-progress", action="store_true", help="no progress bar")
     a("--resume", action="store_true",
       help="continue an interrupted run from the checkpoint next to --output (same settings)")
+    a("--overwrite", action="store_true",
+      help="discard the checkpoint of an earlier run next to --output and start over")
+    a("--text-field", help="the text field of a .jsonl/.parquet corpus (default: text, else page)")
+    a("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -88,7 +92,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--stride is for --plan sliding; plan {args.plan!r} moves by --max-length")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
+    if args.bootstrap < 0:
+        parser.error(f"--bootstrap must be 0 (no intervals) or a positive number of resamples, got {args.bootstrap}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be a positive number of documents, got {args.limit}")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the checkpoint and --overwrite discards it: pass one of them")
+    if (args.resume or args.overwrite) and not args.output:
+        parser.error(f"--{'resume' if args.resume else 'overwrite'} needs --output: the checkpoint "
+                     "lives next to the results file")
     return args
+
+
+def check_outputs(args) -> None:
+    """Every output path, before the corpus, tokenizer or model is loaded."""
+    from lmloss.outputs import check_output_path
+
+    for option, path, suffixes in (("--output", args.output, (".json",)), ("--token-nll", args.token_nll, (".npz",)),
+                                   ("--plot", args.plot, (".png", ".pdf", ".svg"))):
+        if path:
+            check_output_path(option, path, suffixes=suffixes)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"--plot needs matplotlib: pip install matplotlib ({e})") from None
 
 
 def default_batch_size(model) -> int:
@@ -98,22 +126,6 @@ def default_batch_size(model) -> int:
     if model.device.type == "cpu":
         return 2
     return 32 if model.head is not None else 8
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temporary file beside `path`, then rename it over `path`."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def format_table(result, ci: dict) -> str:
@@ -152,31 +164,84 @@ def save_plot(path: str, result) -> None:
     ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax2.legend(loc="lower right")
     fig.suptitle(f"{result.config['model']} - {result.config.get('dataset', '')}", fontsize=9)
+    from lmloss.outputs import write_atomic
+
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format=Path(path).suffix[1:].lower())
     plt.close(fig)
+    write_atomic(path, buf.getvalue())
 
 
-def fingerprint(args, model, tokenizer, lmloss_version: str) -> dict:
-    """What must match for a checkpoint's rows to belong to this run (batch size and device do not
-    change which numbers are computed)."""
-    return dict(model=model.name, tokenizer=getattr(tokenizer, "name", None), dataset=args.dataset,
-                form=args.form, detokenize=args.detokenize, limit=args.limit, plan=args.plan,
+def fingerprint(args, tokenizer, documents, lmloss_version: str) -> dict:
+    """What must match for a checkpoint's rows to belong to this run: the corpus by content, and
+    every setting that changes a number (batch size and device change only float rounding)."""
+    from lmloss.checkpoint import corpus_sha256
+
+    return dict(model=args.model, tokenizer=getattr(tokenizer, "name", None), dataset=args.dataset,
+                form=args.form, text_field=args.text_field, detokenize=args.detokenize, limit=args.limit,
+                n_documents=len(documents), corpus_sha256=corpus_sha256(documents), plan=args.plan,
                 max_length=args.max_length, stride=args.stride, bos_every_window=args.bos_every_window,
                 dtype=args.dtype, head_impl=args.head_impl, lmloss=lmloss_version)
 
 
-def _done_rows(output: str, fp: dict) -> dict[int, dict]:
-    """Rows already in any rank's checkpoint of `output` (a resumed run may use another world size)."""
-    from lmloss.checkpoint import Checkpoint, checkpoint_path
+def resume_state(args, fp: dict, documents) -> dict[int, dict]:
+    """Rows an earlier run of the same --output finished, every one verified; {} for a fresh start.
+    Refuses to discard finished rows unless --overwrite says so."""
+    from lmloss.checkpoint import check_rows, checkpoint_files, count_rows, read_checkpoint
 
-    first = checkpoint_path(output)
+    if not args.output:
+        return {}
+    files = checkpoint_files(args.output)
+    if not args.resume:
+        n_rows = sum(count_rows(f) for f in files)
+        if n_rows and not args.overwrite:
+            raise ValueError(f"{files[0]} holds {n_rows} finished documents of an earlier run with "
+                             f"--output {args.output}: pass --resume to continue that run, or "
+                             "--overwrite to discard them and start over")
+        return {}
     done: dict[int, dict] = {}
-    for path in sorted(first.parent.glob(first.name.replace(".partial.jsonl", ".partial*.jsonl"))):
-        ck = Checkpoint(path, fp, resume=True)
-        ck.close()
-        done.update(ck.rows)
+    for path in files:
+        rows = read_checkpoint(path, fp)
+        twice = sorted(set(rows) & set(done))
+        if twice:
+            raise ValueError(f"documents {twice[:5]} are recorded in two checkpoint files of {args.output} "
+                             f"({path} and another); pass --overwrite to start over")
+        done.update(rows)
+    check_rows(done, documents)
     return done
+
+
+def _preflight(args, dist_ctx):
+    """Corpus, tokenizer, the model's configuration (not its weights) and the checkpoint, each
+    checked before the model is loaded: (documents, tokenizer, fingerprint, rows done)."""
+    import lmloss
+    from lmloss.evaluate import check_tokenizer_fits
+    from lmloss.models import peek_config
+
+    docs = lmloss.load_corpus(args.dataset, form=args.form, data_dir=args.data_dir,
+                              detokenize=args.detokenize, limit=args.limit, field=args.text_field)
+    tokenizer = lmloss.load_tokenizer(args.tokenizer or args.model)
+    info = peek_config(args.model)
+    if args.max_length and info.context_length and args.max_length > info.context_length:
+        raise ValueError(f"--max-length {args.max_length} is above the context length of {args.model} "
+                         f"({info.context_length}); pass --max-length {info.context_length} or less")
+    window = args.max_length or info.context_length
+    if args.stride is not None and window and args.stride > window:
+        raise ValueError(f"--stride {args.stride} is above --max-length {window}; pass a smaller --stride")
+    check_tokenizer_fits(tokenizer, info.vocab_size, args.model)
+    fp = fingerprint(args, tokenizer, docs, lmloss.__version__)
+    done = resume_state(args, fp, docs)
+    if args.overwrite and dist_ctx.is_main:
+        from lmloss.checkpoint import checkpoint_files
+
+        for path in checkpoint_files(args.output):  # every rank's, whatever the world size was
+            path.unlink()
+    if dist_ctx.world_size > 1:  # every rank has read the checkpoints before any rank writes
+        import torch.distributed as dist
+
+        dist.barrier()
+    return docs, tokenizer, fp, done
 
 
 def run(args) -> dict:
@@ -187,37 +252,23 @@ def run(args) -> dict:
     from lmloss.checkpoint import Checkpoint, checkpoint_path
     from lmloss.distributed import gather_rows, init_from_env, shard_documents
     from lmloss.evaluate import bootstrap_ci
+    from lmloss.models import resolve_device
 
-    if args.resume and not args.output:
-        raise ValueError("--resume needs --output: the checkpoint lives next to the results file")
+    check_outputs(args)
     dist_ctx = init_from_env(args.device)
     device = args.device
     if dist_ctx.enabled and torch.cuda.is_available() and device in ("auto", "cuda"):
         device = f"cuda:{dist_ctx.local_rank}"  # one GPU per rank
-    docs = lmloss.load_corpus(args.dataset, form=args.form, data_dir=args.data_dir,
-                              detokenize=args.detokenize, limit=args.limit)
-    if not docs:
-        raise ValueError(f"no documents in {args.dataset!r} after --limit {args.limit}")
-    tokenizer = lmloss.load_tokenizer(args.tokenizer or args.model)
+    resolve_device(device)
+    docs, tokenizer, fp, done = _preflight(args, dist_ctx)
     model = lmloss.load_model(args.model, device=device, dtype=args.dtype)
-    if args.max_length and model.context_length and args.max_length > model.context_length:
-        raise ValueError(f"--max-length {args.max_length} is above the context length of {args.model} "
-                         f"({model.context_length}); pass --max-length {model.context_length} or less")
-    if args.stride is not None and args.stride > (args.max_length or model.context_length or args.stride):
-        raise ValueError(f"--stride {args.stride} is above --max-length "
-                         f"{args.max_length or model.context_length}; pass a smaller --stride")
 
-    # 1. What is left: documents no checkpoint holds, dealt to this rank.
-    ckpt, done = None, {}
-    if args.output:
-        fp = fingerprint(args, model, tokenizer, lmloss.__version__)
-        done = _done_rows(args.output, fp) if args.resume else {}
-        ckpt = Checkpoint(checkpoint_path(args.output, dist_ctx.rank), fp, resume=args.resume)
-    todo = [i for i in range(len(docs)) if i not in done]
-    mine = [todo[k] for k in shard_documents([len(docs[i].text) for i in todo], dist_ctx.rank,
-                                             dist_ctx.world_size)]
+    # 1. This rank's documents: a deal of the whole corpus, whatever is done, so that a resumed run
+    #    forms the same batches as an uninterrupted one.
+    mine = shard_documents([len(d.text) for d in docs], dist_ctx.rank, dist_ctx.world_size)
+    ckpt = Checkpoint(checkpoint_path(args.output, dist_ctx.rank), fp, keep=args.resume) if args.output else None
     if dist_ctx.is_main and (done or dist_ctx.world_size > 1):
-        print(f"{len(done)} documents from the checkpoint, {len(todo)} to score on "
+        print(f"{len(done)} documents from the checkpoint, {len(docs) - len(done)} to score on "
               f"{dist_ctx.world_size} process(es)", file=sys.stderr)
 
     # 2. Score them; each finished document goes to the checkpoint at once (flushed, fsynced).
@@ -225,22 +276,24 @@ def run(args) -> dict:
         result = lmloss.evaluate(model, tokenizer, docs, plan=args.plan, max_length=args.max_length,
                                  stride=args.stride, every_window=args.bos_every_window,
                                  batch_size=args.batch_size or default_batch_size(model),
-                                 head_impl=args.head_impl,
-                                 keep_token_nll=bool(args.token_nll), indices=mine,
+                                 head_impl=args.head_impl, keep_token_nll=bool(args.token_nll),
+                                 indices=mine, done_rows={i: done[i] for i in mine if i in done},
                                  progress=not args.no_progress and dist_ctx.is_main,
                                  on_document=ckpt.append if ckpt else None)
     except KeyboardInterrupt:
         if ckpt:
             ckpt.close()
-            raise KeyboardInterrupt(f"{len(ckpt.rows)} documents are saved in {ckpt.path}; run the same "
-                                    "command with --resume to continue") from None
+            raise KeyboardInterrupt(f"{ckpt.n_appended} more documents are saved in {ckpt.path}; run the "
+                                    "same command with --resume to continue") from None
         raise
 
-    # 3. Every rank's rows and the checkpoint's, summed in document order: the same float64 sums
-    #    in the same order as one uninterrupted process.
-    rows = gather_rows(result.documents + (list(done.values()) if dist_ctx.is_main else []), dist_ctx)
+    # 3. Every rank's rows (restored ones included), summed in document order: the same float64
+    #    sums in the same order as one uninterrupted process.
+    rows = gather_rows(result.documents, dist_ctx)
     result.documents = rows
     result.totals = lmloss.LossTotals.from_rows(rows)
+    if result.totals.n_tokens == 0:
+        raise ValueError(f"0 tokens scored in {len(docs)} documents of {args.dataset!r}: nothing to report")
     if dist_ctx.world_size > 1:
         import torch.distributed as dist
 
@@ -251,9 +304,9 @@ def run(args) -> dict:
         result.position_count = [sum(v) for v in zip(*(p[2] for p in parts))]
     result.config.update(dataset=args.dataset, form=args.form, detokenize=args.detokenize,
                          limit=args.limit, n_documents=len(docs), world_size=dist_ctx.world_size,
-                         resumed_documents=len(done))
+                         resumed_documents=len(done), corpus_sha256=fp["corpus_sha256"])
     if not dist_ctx.is_main:
-        _finish_rank(dist_ctx, ckpt)
+        _finish_rank(dist_ctx, ckpt, None)
         return {}
     ci = bootstrap_ci(result.documents, n_resamples=args.bootstrap) if args.bootstrap else {}
     out = dict(config=dict(vars(args), resolved=result.config),
@@ -269,31 +322,57 @@ def run(args) -> dict:
     for note in result.notes:
         print(f"note: {note}")
     print(format_table(result, ci))
-    if args.output:
-        write_json_atomic(args.output, out)
-        print(f"results: {args.output}")
-    if args.token_nll:
-        import numpy as np
-
-        if dist_ctx.world_size > 1 or done:
-            print("note: --token-nll holds only this process's documents of this run")
-        np.savez(args.token_nll, **{f"doc_{i}": t.numpy() for i, t in zip(mine, result.token_nll)})
-        print(f"per-token NLL: {args.token_nll}")
-    if args.plot:
-        save_plot(args.plot, result)
-        print(f"plot: {args.plot}")
-    _finish_rank(dist_ctx, ckpt)
+    written: list[str] = []
+    try:
+        _write_outputs(args, out, result, mine, done, dist_ctx, written)
+    finally:
+        _finish_rank(dist_ctx, ckpt, args.output if args.output in written else None)
     return out
 
 
-def _finish_rank(dist_ctx, ckpt) -> None:
-    """After rank 0 has written the results: every rank drops its checkpoint and leaves the group."""
+def _write_outputs(args, out: dict, result, mine, done, dist_ctx, written: list[str]) -> None:
+    """Results JSON, then the per-token NLL and the plot (each atomically), each path appended to
+    `written` once complete; an error after the first is written says what was."""
+    from lmloss.outputs import write_atomic
+
+    try:
+        if args.output:
+            write_atomic(args.output, (json.dumps(out, indent=1) + "\n").encode("utf-8"))
+            written.append(args.output)
+            print(f"results: {args.output}")
+        if args.token_nll:
+            import numpy as np
+
+            if dist_ctx.world_size > 1 or done:
+                print("note: --token-nll holds only this process's documents of this run")
+            buf = io.BytesIO()
+            np.savez(buf, **{f"doc_{i}": t.numpy() for i, t in zip(mine, result.token_nll) if i not in done})
+            write_atomic(args.token_nll, buf.getvalue())
+            written.append(args.token_nll)
+            print(f"per-token NLL: {args.token_nll}")
+        if args.plot:
+            save_plot(args.plot, result)
+            print(f"plot: {args.plot}")
+    except Exception as err:
+        if not written:
+            raise
+        raise ValueError(f"{type(err).__name__}: {err} (already written, complete: {', '.join(written)})") from err
+
+
+def _finish_rank(dist_ctx, ckpt, results_written: str | None) -> None:
+    """After rank 0 has written the results: every rank closes its checkpoint, rank 0 deletes every
+    checkpoint file of the output (a resumed run may have used other ranks), all leave the group."""
+    from lmloss.checkpoint import checkpoint_files
+
+    if ckpt:
+        ckpt.close()
     if dist_ctx.world_size > 1:
         import torch.distributed as dist
 
         dist.barrier()
-    if ckpt:
-        ckpt.remove()
+    if dist_ctx.is_main and results_written:
+        for path in checkpoint_files(results_written):
+            path.unlink(missing_ok=True)
     if dist_ctx.initialized_here:
         import torch.distributed as dist
 
@@ -304,7 +383,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (ValueError, OSError) as err:  # a user's input: a message, not a traceback
+    except (ValueError, OSError, ImportError) as err:  # a user's input: a message, not a traceback
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:

@@ -86,10 +86,10 @@ def test_end_to_end_results_json_table_and_plot(base_args, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--model", "no-such-org/no-such-model-lmloss", "--tokenizer", "gpt2"], "could not load model"),
+    (["--model", "no-such-org/no-such-model-lmloss", "--tokenizer", "gpt2"],
+     "model 'no-such-org/no-such-model-lmloss': tried the Hugging Face Hub name"),
     (["--dataset", "no-such-corpus"], "unknown corpus"),
     (["--max-length", "4096"], "above the context length"),
-    (["--limit", "0"], "limit"),
 ])
 def test_user_errors_print_a_message_not_a_traceback(base_args, extra, match, capsys, monkeypatch):
     import huggingface_hub.constants
@@ -107,3 +107,121 @@ def test_default_batch_size_follows_the_device_and_head():
     assert eval_script.default_batch_size(NS(device=cpu, head=object())) == 2
     assert eval_script.default_batch_size(NS(device=cuda, head=object())) == 32
     assert eval_script.default_batch_size(NS(device=cuda, head=None)) == 8  # full logits per batch
+
+
+# --- never a wrong number with exit 0, and errors before work -------------------------------------
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any load of model weights fails the test: the error must come before it."""
+    import lmloss
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(lmloss, "load_model", refuse)
+
+
+def _error(argv, capsys) -> str:
+    rc = eval_script.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: " in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--max-length", "4096"], "above the context length of .* \\(128\\)"),
+    (["--tokenizer", "cl100k_base"], "emits ids up to 100\\d\\d\\d, but .* has 50257 embedding rows"),
+    (["--token-nll", "t.txt"], "--token-nll 't.txt' does not end in .npz"),
+    (["--plot", "f.txt/x.png"], "f.txt is not an existing folder"),
+    (["--plot", "no/such/dir/x.png"], "no/such/dir is not an existing folder; create it"),
+    (["--output", "."], "--output '.' is a folder"),
+])
+def test_bad_options_are_refused_before_the_model_is_loaded(base_args, extra, match, tmp_path, capsys,
+                                                            monkeypatch, no_model_load):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f.txt").write_text("a file, not a folder")
+    assert __import__("re").search(match, _error(base_args + ["--limit", "1"] + extra, capsys))
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tiny_model, assets, capsys, no_model_load):
+    err = _error(["--model", tiny_model, "--data-dir", str(assets / "corpora"), "--limit", "1",
+                  "--no-progress"], capsys)
+    assert "tokenizer" in err
+
+
+@pytest.mark.parametrize("argv", [["--bootstrap", "-1"], ["--limit", "0"], ["--resume"], ["--overwrite"],
+                                  ["--resume", "--overwrite", "--output", "r.json"]])
+def test_bad_numbers_and_flag_combinations_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        eval_script.parse_args(argv)
+    assert exc.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_an_earlier_runs_checkpoint_is_never_discarded_silently(base_args, tmp_path, capsys, monkeypatch):
+    from lmloss.checkpoint import Checkpoint, checkpoint_path
+
+    out = tmp_path / "r.json"
+    argv = base_args + ["--preset", "lm-eval", "--max-length", "64", "--limit", "2", "--output", str(out)]
+    with Checkpoint(checkpoint_path(out), {"earlier": "run"}) as ck:
+        ck.append(dict(index=0, nll_nats=1.0, n_tokens=1, n_bytes=1, n_words=1, n_chars=1, text_sha256="0"))
+    before = checkpoint_path(out).read_bytes()
+    err = _error(argv, capsys)
+    assert "holds 1 finished documents" in err and "--resume" in err and "--overwrite" in err
+    assert checkpoint_path(out).read_bytes() == before and not out.exists()
+    err = _error(argv + ["--resume"], capsys)  # and it is not this configuration's
+    assert "another configuration" in err and checkpoint_path(out).read_bytes() == before
+    assert eval_script.main(argv + ["--overwrite"]) == 0
+    assert out.exists() and not checkpoint_path(out).exists()
+
+
+def test_results_file_mode_follows_the_umask_and_glob_characters_in_its_name_resume(base_args, tmp_path,
+                                                                                    monkeypatch):
+    import os
+
+    import lmloss
+    from lmloss.checkpoint import checkpoint_path
+
+    out = tmp_path / "run[1].json"
+    argv = base_args + ["--preset", "lm-eval", "--max-length", "64", "--limit", "3", "--batch-size", "2",
+                        "--output", str(out)]
+    old = os.umask(0o022)
+    try:
+        assert eval_script.main(argv) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+    full = json.loads(out.read_text())
+    out.unlink()
+    real_evaluate = lmloss.evaluate
+
+    def killed_after_one_document(*a, on_document, **k):
+        def once(row):
+            on_document(row)
+            raise KeyboardInterrupt
+        return real_evaluate(*a, on_document=once, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(lmloss, "evaluate", killed_after_one_document)
+        assert eval_script.main(argv) == 130
+    assert checkpoint_path(out).exists() and not out.exists()
+    assert eval_script.main(argv + ["--resume"]) == 0
+    again = json.loads(out.read_text())
+    assert again["documents"] == full["documents"] and again["totals"] == full["totals"]
+    assert again["config"]["resolved"]["resumed_documents"] == 1
+    assert not checkpoint_path(out).exists()
+
+
+def test_a_failure_after_the_results_are_written_says_what_was_written(base_args, tmp_path, capsys,
+                                                                       monkeypatch):
+    from lmloss.checkpoint import checkpoint_path
+
+    def full_disk(path, result):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(eval_script, "save_plot", full_disk)
+    out = tmp_path / "r.json"
+    err = _error(base_args + ["--max-length", "64", "--limit", "1", "--output", str(out),
+                              "--plot", str(tmp_path / "p.png")], capsys)
+    assert "No space left" in err and f"already written, complete: {out}" in err
+    assert json.loads(out.read_text())["totals"]["n_tokens"] > 0 and not checkpoint_path(out).exists()

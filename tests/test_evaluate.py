@@ -203,3 +203,55 @@ def test_batch_order_groups_documents_then_sorts_by_length():
     # groups of at least 3 windows of whole documents: {0, 1} and {2, 3}; longest first inside
     assert _batch_order(windows, group_size=3) == [1, 3, 2, 0, 5, 4]
     assert _batch_order(windows, group_size=100) == [1, 5, 3, 2, 0, 4]
+
+
+@pytest.mark.parametrize("batch_size", [3, 4])
+def test_resumed_documents_are_bit_identical_to_an_uninterrupted_run(model, docs, batch_size):
+    """A resumed run forms the batches of the whole run, so re-scored documents keep their batch
+    neighbours: every row equals the uninterrupted run's bit for bit, wherever the run stopped."""
+    finished = []
+    full = evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=batch_size, progress=False,
+                    on_document=finished.append)
+    for k in range(1, len(finished)):  # killed after k documents were written
+        done = {r["index"]: r for r in finished[:k]}
+        again = []
+        res = evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=batch_size, progress=False,
+                       done_rows=done, on_document=again.append)
+        assert res.documents == full.documents and res.totals == full.totals
+        assert sorted(r["index"] for r in again) == sorted(set(range(len(docs))) - set(done))
+        assert res.resumed_documents == k
+
+
+def test_restored_rows_are_checked_against_their_documents(model, docs):
+    full = evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=2, progress=False)
+    row = full.documents[3]
+    with pytest.raises(ValueError, match="says 99 tokens, this run scores"):
+        evaluate(model, ByteTokenizer(), docs, max_length=16, progress=False, done_rows={3: {**row, "n_tokens": 99}})
+    with pytest.raises(ValueError, match="document 3 does not match"):
+        evaluate(model, ByteTokenizer(), docs, max_length=16, progress=False, done_rows={3: {**row, "n_bytes": 1}})
+    with pytest.raises(ValueError, match="out of range"):
+        evaluate(model, ByteTokenizer(), docs, max_length=16, progress=False, done_rows={50: {**row, "index": 50}})
+
+
+class _Tok(ByteTokenizer):
+    def __init__(self, vocab_size=VOCAB, encode=None):
+        self.vocab_size = vocab_size
+        self._encode = encode
+
+    def encode(self, text):
+        return self._encode(text) if self._encode else super().encode(text)
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused(model, docs):
+    with pytest.raises(ValueError, match="encodes document 1 .* to no tokens"):
+        evaluate(model, _Tok(encode=lambda t: []), docs, max_length=16, progress=False)
+    with pytest.raises(ValueError, match=f"gives id 300 in document 1, past the model's {VOCAB} embedding rows"):
+        evaluate(model, _Tok(encode=lambda t: [300] * len(t)), docs, max_length=16, progress=False)
+    with pytest.raises(ValueError, match=f"emits ids up to 299, but .* has {VOCAB} embedding rows"):
+        evaluate(model, _Tok(vocab_size=300), docs, max_length=16, progress=False)
+
+
+def test_a_run_that_scores_no_token_is_an_error(model):
+    one_token = [Document("a"), Document("b")]  # sliding without a prefix: the one token is context
+    with pytest.raises(ValueError, match="no token to score"):
+        evaluate(model, ByteTokenizer(), one_token, plan="sliding", max_length=16, progress=False)

@@ -43,10 +43,10 @@ def _same_results(a: dict, b: dict, rel: float):
         assert ra["nll_nats"] == pytest.approx(rb["nll_nats"], rel=rel)
 
 
-def _tiny_args(tiny_model, assets, out):
+def _tiny_args(tiny_model, assets, out, batch_size=1):
     return [EVAL, "--model", tiny_model, "--tokenizer", str(assets / "tokenizers" / "hf-gpt2"),
             "--dataset", "wikitext", "--preset", "lm-eval", "--max-length", "64", "--limit", "9",
-            "--batch-size", "1", "--no-progress", "--bootstrap", "0", "--output", str(out)]
+            "--batch-size", str(batch_size), "--no-progress", "--bootstrap", "0", "--output", str(out)]
 
 
 def test_torchrun_two_processes_equal_one(tiny_model, assets, tmp_path):
@@ -84,15 +84,16 @@ def _kill_when(proc, ckpt: Path, n_rows: int, deadline_s: float = 300):
 
 
 def test_killed_and_resumed_runs_give_identical_totals(tiny_model, assets, tmp_path):
+    """Batches of 3 windows: re-scored documents keep the batch neighbours of the uninterrupted run."""
     env = _env(assets)
-    _run([sys.executable, *_tiny_args(tiny_model, assets, tmp_path / "ref.json")], env)
+    _run([sys.executable, *_tiny_args(tiny_model, assets, tmp_path / "ref.json", 3)], env)
     ref = json.loads((tmp_path / "ref.json").read_text())
     rnd = random.Random(7)
     killed = 0
     for trial in range(5):
         out = tmp_path / f"r{trial}.json"
         ckpt = out.with_name(out.name + ".partial.jsonl")
-        proc = subprocess.Popen([sys.executable, *_tiny_args(tiny_model, assets, out)], env=env, cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, *_tiny_args(tiny_model, assets, out, 3)], env=env, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _kill_when(proc, ckpt, rnd.randint(1, 8))
         killed += proc.returncode == -signal.SIGKILL
@@ -100,7 +101,7 @@ def test_killed_and_resumed_runs_give_identical_totals(tiny_model, assets, tmp_p
         if proc.returncode == -signal.SIGKILL:
             with open(ckpt, "ab") as f:  # as if the kill tore a line mid-write
                 f.write(b'{"index": 8, "nll_na')
-        _run([sys.executable, *_tiny_args(tiny_model, assets, out), "--resume"], env)
+        _run([sys.executable, *_tiny_args(tiny_model, assets, out, 3), "--resume"], env)
         got = json.loads(out.read_text())
         assert got["totals"] == ref["totals"]  # bit-identical float64 sums
         assert got["documents"] == ref["documents"]
