@@ -243,7 +243,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    """Exit code: 0 done, 2 a bad input (one line on stderr; --debug shows the traceback), 130 interrupted."""
+    """Exit code: 0 done, 2 a bad input (one line on stderr; --debug shows the traceback), 1 an
+    unexpected error (likewise), 130 interrupted."""
     args = parse_args(argv)
     try:
         run(args)
@@ -257,6 +258,12 @@ def main(argv=None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # not the input's fault: still one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(err).__name__}: {err}\n(no results were written; rerun with "
+              "--debug for the traceback and report it)", file=sys.stderr)
+        return 1
     return 0
 
 

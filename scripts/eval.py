@@ -391,6 +391,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as err:
         print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
         return 130
+    except Exception as err:  # not the input's fault: still one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(err).__name__}: {err}\n(no results were written; rerun with "
+              "--debug for the traceback and report it)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,9 +1,12 @@
 """Corpora: WikiText rows / stream / pages against the published files, the lm-eval detokenizer
 against hand-written examples, counts, local files and the errors a user meets."""
 import json
+import re
 import shutil
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lmloss.data import Document, load_corpus, wikitext_detokenize, wikitext_pages, wikitext_rows
 
@@ -223,3 +226,8 @@ def test_files_without_text_or_not_utf8_name_the_file(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1\.jsonl is not UTF-8: byte offset 13"):
         load_corpus(str(tmp_path / "latin1.jsonl"))
+
+
+@given(st.text(alphabet="ab é\n\t\r\u3000\x1c\u2028", max_size=40))
+def test_word_count_is_lm_evals_split_without_the_list(text):
+    assert Document(text).n_words == len(re.split(r"\s+", text))

@@ -225,3 +225,18 @@ def test_a_failure_after_the_results_are_written_says_what_was_written(base_args
                               "--plot", str(tmp_path / "p.png")], capsys)
     assert "No space left" in err and f"already written, complete: {out}" in err
     assert json.loads(out.read_text())["totals"]["n_tokens"] > 0 and not checkpoint_path(out).exists()
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(base_args, capsys, monkeypatch):
+    import lmloss
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(lmloss, "evaluate", broken)
+    argv = base_args + ["--max-length", "64", "--limit", "1"]
+    assert eval_script.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: unexpected RuntimeError: CUDA error" in err and "--debug" in err and "Traceback" not in err
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        eval_script.main(argv + ["--debug"])
