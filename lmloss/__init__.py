@@ -5,6 +5,7 @@ imported inside the functions that need them, so `import lmloss` stays cheap in 
 """
 
 from lmloss.metrics import LossTotals, bits_per_byte, perplexity
+from lmloss.meter import LossMeter
 from lmloss.ops import IMPLS, cross_entropy, logsumexp, token_nll
 from lmloss.ops.linear import linear_cross_entropy, linear_token_nll
 from lmloss.ops.vocab_parallel import vocab_parallel_token_nll
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "IMPLS", "token_nll", "cross_entropy", "logsumexp",
     "linear_token_nll", "linear_cross_entropy", "vocab_parallel_token_nll",
-    "LossTotals", "bits_per_byte", "perplexity",
+    "LossTotals", "LossMeter", "bits_per_byte", "perplexity",
     "Tokenizer", "load_tokenizer", "token_byte_lengths", "encode_document",
     "Document", "load_corpus",
     "Window", "plan_windows",

@@ -92,7 +92,8 @@ def bits_per_byte(nll_nats, n_bytes) -> float:
     nll_nats: summed NLL in nats of the tokens that encode the text, finite and >= 0 (a float, an
     int or a 0-d tensor); n_bytes: len(text.encode("utf-8")) of that same text, a whole number > 0
     (an int, a whole float such as 3.0, or a 0-d tensor). A tensor is read with .item(): a CUDA
-    tensor synchronizes with the host. Wrong types raise TypeError, wrong values ValueError.
+    tensor synchronizes with the host, so in a training loop keep the sums on the device with
+    lmloss.LossMeter and read them every N steps. Wrong types raise TypeError, wrong values ValueError.
     """
     nll, n = _as_nll(nll_nats), _as_count(n_bytes, "n_bytes")
     if n <= 0:
@@ -105,8 +106,8 @@ def perplexity(nll_nats, n_tokens) -> float:
 
     nll_nats: finite and >= 0 (a float, an int or a 0-d tensor); n_tokens: a whole number > 0 (an int,
     a whole float such as 3.0, or a 0-d tensor). A tensor is read with .item(): a CUDA tensor
-    synchronizes with the host. Wrong types raise TypeError, wrong values ValueError; a mean NLL past
-    ~709.78 nats gives inf.
+    synchronizes with the host (lmloss.LossMeter keeps the sums on the device instead). Wrong types
+    raise TypeError, wrong values ValueError; a mean NLL past ~709.78 nats gives inf.
     """
     nll, n = _as_nll(nll_nats), _as_count(n_tokens, "n_tokens")
     if n <= 0:
@@ -184,7 +185,9 @@ class LossTotals:
         return NotImplemented
 
     def all_reduce(self, group=None) -> "LossTotals":
-        """Sum these totals over a torch.distributed group (float64 sum, int64 counts, one collective)."""
+        """Sum these totals over a torch.distributed group: one collective of one float64 buffer (exact
+        for counts up to 2**53), on the current CUDA device for nccl, else the CPU; reading the sum back
+        synchronizes with the host. Every rank of the group must call it."""
         import torch.distributed as dist
 
         backend = dist.get_backend(group)

@@ -3,11 +3,12 @@
     python scripts/tune_triton.py                 # token_nll (N=8192, V=50257) and linear (N=8192, d=768)
     python scripts/tune_triton.py --out tune.jsonl
 
-For each configuration the script replaces the kernel module's config function, checks that the
-result equals the default configuration's to float32 rounding (and the float64 reference on 64 rows),
-and times it with triton.testing.do_bench (median). It prints one row per configuration with the
-time relative to the current default, measured in the same run, and the achieved rate: GB/s of
-logits read for token_nll, TFLOP/s of the matrix product for the linear kernel. It changes nothing:
+For each configuration the script passes it to the kernel's launcher as data (`config=`, and
+`precision=` for the linear kernel; nothing in lmloss is replaced), checks that the result equals the
+default configuration's to float32 rounding (and the float64 reference on 64 rows), and times the
+launcher with triton.testing.do_bench (median). It prints one row per configuration with the time
+relative to the current default, measured in the same run, and the achieved rate: GB/s of logits
+read for token_nll, TFLOP/s of the matrix product for the linear kernel. It changes nothing:
 copy a better configuration into lmloss/ops by hand, with the numbers.
 """
 import argparse
@@ -34,71 +35,67 @@ def _bench(fn) -> float:
     return do_bench(fn, return_mode="median")
 
 
-def tune_token(N, V, dtype, emit):
-    logits = (torch.randn(N, V, device="cuda") * 3).to(dtype)
-    targets = torch.randint(0, V, (N,), device="cuda")
+def tune_token(N, V, dtype, emit, *, device="cuda"):
+    logits = (torch.randn(N, V, device=device) * 3).to(dtype)
+    targets = torch.randint(0, V, (N,), device=device)
     targets[::17] = -100
-    default = tk._launch_config
-    ref_nll = lmloss.token_nll(logits, targets, impl="triton")
+    run = lambda config: tk.nll_lse(logits, targets, -100, config=config)[0]  # noqa: E731
+    ref_nll = lmloss.token_nll(logits, targets, impl="triton")  # the public path, default configuration
     f64 = torch.nn.functional.cross_entropy(logits[:64].double(), targets[:64], reduction="none")
     torch.testing.assert_close(ref_nll[:64].double(), f64, rtol=1e-5, atol=1e-4)
+    default = tk.default_config(V)
     base_ms = None
-    try:
-        for block, warps in [default(V)] + [c for c in TOKEN_CONFIGS if c != default(V)]:
-            tk._launch_config = lambda V, c=(block, warps): c
-            try:
-                got = lmloss.token_nll(logits, targets, impl="triton")
-                ok = torch.allclose(got, ref_nll, rtol=1e-6, atol=1e-5)
-                ms = _bench(lambda: lmloss.token_nll(logits, targets, impl="triton"))
-            except Exception as e:  # a configuration the compiler rejects is a row, not a crash
-                emit(dict(kernel="token_nll", dtype=str(dtype), N=N, V=V, config=[block, warps],
-                          error=f"{type(e).__name__}: {str(e)[:200]}"))
-                continue
-            base_ms = base_ms or ms
-            emit(dict(kernel="token_nll", dtype=str(dtype), N=N, V=V, config=[block, warps], ok=ok,
-                      time_ms=round(ms, 4), vs_default=round(base_ms / ms, 3),
-                      gb_per_s=round(N * V * logits.element_size() / ms / 1e6, 1)))
-    finally:
-        tk._launch_config = default
+    for config in [default] + [c for c in TOKEN_CONFIGS if c != default]:
+        try:
+            got = run(config)
+            ok = torch.allclose(got, ref_nll, rtol=1e-6, atol=1e-5)
+            ms = _bench(lambda: run(config))
+        except Exception as e:  # a configuration the compiler rejects is a row, not a crash
+            emit(dict(kernel="token_nll", dtype=str(dtype), N=N, V=V, config=list(config),
+                      error=f"{type(e).__name__}: {str(e)[:200]}"))
+            continue
+        base_ms = base_ms or ms
+        emit(dict(kernel="token_nll", dtype=str(dtype), N=N, V=V, config=list(config), ok=ok,
+                  time_ms=round(ms, 4), vs_default=round(base_ms / ms, 3),
+                  gb_per_s=round(N * V * logits.element_size() / ms / 1e6, 1)))
 
 
-def tune_linear(N, d, V, dtype, emit):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(N, d, device="cuda", generator=g).to(dtype)
-    weight = (torch.randn(V, d, device="cuda", generator=g) * (3 / d**0.5)).to(dtype)
-    targets = torch.randint(0, V, (N,), device="cuda", generator=g)
-    default = lt._tile_config
-    run = lambda: lmloss.linear_token_nll(hidden, weight, targets, impl="triton")  # noqa: E731
-    ref = run()
+def tune_linear(N, d, V, dtype, emit, *, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(N, d, device=device, generator=g).to(dtype)
+    weight = (torch.randn(V, d, device=device, generator=g) * (3 / d**0.5)).to(dtype)
+    targets = torch.randint(0, V, (N,), device=device, generator=g)
+
+    def run(config, precision):  # (N,) nll = lse - z[target]; no target is ignored here
+        lse, target_logit = lt.linear_lse_target(hidden, weight, targets, config=config, precision=precision)
+        return lse - target_logit
+
+    ref = lmloss.linear_token_nll(hidden, weight, targets, impl="triton")  # the public path, defaults
     f64 = torch.nn.functional.cross_entropy(hidden[:64].double() @ weight.double().T, targets[:64],
                                             reduction="none")
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ref[:64].double(), f64, rtol=tol, atol=tol)
-    first = default(hidden, lt._dot_precision(hidden))
-    trials = [("default", first)] + [("default", c) for c in LINEAR_CONFIGS[dtype] if c != first]
-    if dtype == torch.float32:  # fp32 FMAs ("ieee") against the default (three tf32 products on Ampere on)
+    precision = lt.default_precision(hidden)
+    first = lt.default_config(hidden, precision)
+    trials = [(precision, first)] + [(precision, c) for c in LINEAR_CONFIGS[dtype] if c != first]
+    if dtype == torch.float32 and precision != "ieee":  # fp32 FMAs against three tf32 products (Ampere on)
         trials += [("ieee", c) for c in ((128, 128, 32, 8, 3), (64, 128, 32, 8, 3))]
-    base_ms, precision = None, lt._fp32_precision
-    try:
-        for mode, cfg in trials:
-            lt._tile_config = lambda h2, precision, c=cfg: c
-            lt._fp32_precision = precision if mode == "default" else (lambda device, m=mode: m)
-            try:
-                got = run()
-                ok = torch.allclose(got, ref, rtol=1e-4, atol=1e-3)
-                ms = _bench(run)
-            except Exception as e:
-                emit(dict(kernel="linear_token_nll", dtype=str(dtype), N=N, d=d, V=V, config=list(cfg),
-                          precision=lt._dot_precision(hidden), error=f"{type(e).__name__}: {str(e)[:200]}"))
-                continue
-            base_ms = base_ms or ms
-            emit(dict(kernel="linear_token_nll", dtype=str(dtype), N=N, d=d, V=V, config=list(cfg), ok=ok,
-                      precision=lt._dot_precision(hidden),
-                      max_rel_err_f64=round(float(((got[:64].double() - f64).abs() / f64.abs()).max()), 8),
-                      time_ms=round(ms, 4), vs_default=round(base_ms / ms, 3),
-                      tflop_per_s=round(2 * N * d * V / ms / 1e9, 1)))
-    finally:
-        lt._tile_config, lt._fp32_precision = default, precision
+    base_ms = None
+    for prec, config in trials:
+        try:
+            got = run(config, prec)
+            ok = torch.allclose(got, ref, rtol=1e-4, atol=1e-3)
+            ms = _bench(lambda: run(config, prec))
+        except Exception as e:
+            emit(dict(kernel="linear_token_nll", dtype=str(dtype), N=N, d=d, V=V, config=list(config),
+                      precision=prec, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            continue
+        base_ms = base_ms or ms
+        emit(dict(kernel="linear_token_nll", dtype=str(dtype), N=N, d=d, V=V, config=list(config), ok=ok,
+                  precision=prec,
+                  max_rel_err_f64=round(float(((got[:64].double() - f64).abs() / f64.abs()).max()), 8),
+                  time_ms=round(ms, 4), vs_default=round(base_ms / ms, 3),
+                  tflop_per_s=round(2 * N * d * V / ms / 1e9, 1)))
 
 
 def main():

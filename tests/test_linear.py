@@ -246,6 +246,14 @@ _TRITON_SCRIPT = textwrap.dedent("""
         h = hidden.clone().requires_grad_()
         lmloss.linear_cross_entropy(h, weight, targets, bias=b, softcap=softcap, impl="triton").backward()
         assert h.grad.isfinite().all()
+    # tile configurations and tl.dot precision passed as data, as scripts/tune_triton.py does
+    from lmloss.ops import linear_triton as lt
+    hidden, weight, b, targets = T.make(19, 40, 301, bias=True)
+    ref = T.reference_nll(hidden, weight, targets, b)
+    keep = targets != -100
+    for config in (None, (32, 64, 16, 1, 1), (16, 16, 32, 2, 2)):
+        lse, target_logit = lt.linear_lse_target(hidden, weight, targets, b, config=config, precision="ieee")
+        torch.testing.assert_close((lse - target_logit)[keep].double(), ref[keep], rtol=1e-5, atol=1e-4)
     print("triton ok")
 """)
 
@@ -258,6 +266,41 @@ def test_triton_kernel_in_interpreter():
     run = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and "triton ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_auto_on_cuda_without_triton_falls_back_to_chunked(monkeypatch):
+    """A CUDA tensor where triton does not import, as far as a CPU can play it: every dispatcher's rule
+    sees a CUDA device and `import triton` fails. "auto" takes the chunked path (no ImportError), in
+    linear_token_nll / linear_cross_entropy as in token_nll / logsumexp; impl="triton" says what to install."""
+    import lmloss.ops as ops
+    from lmloss.ops import _checks
+
+    seen = []
+
+    def rule_on_cuda(impl, device, names):
+        seen.append(impl)
+        return _checks.choose_impl(impl, torch.device("cuda"), names)
+
+    monkeypatch.setattr(ops, "choose_impl", rule_on_cuda)
+    monkeypatch.setattr(linear_mod, "choose_impl", rule_on_cuda)
+    for name in ("triton", "lmloss.ops.triton_kernels", "lmloss.ops.linear_triton"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
+    monkeypatch.delattr(ops, "triton_kernels", raising=False)
+    hidden, weight, b, targets = make(23, 16, 301, bias=True)
+    ref = reference_nll(hidden, weight, targets, b)
+    torch.testing.assert_close(lmloss.linear_token_nll(hidden, weight, targets, bias=b).double(), ref,
+                               rtol=1e-5, atol=1e-5)
+    h = hidden.clone().requires_grad_()
+    lmloss.linear_cross_entropy(h, weight, targets, bias=b, reduction="sum").backward()
+    assert h.grad.isfinite().all()
+    logits = hidden @ weight.T + b
+    torch.testing.assert_close(lmloss.token_nll(logits, targets).double(), ref, rtol=1e-5, atol=1e-5)
+    lmloss.logsumexp(logits)
+    assert seen == ["auto"] * 4
+    for run in (lambda: lmloss.linear_token_nll(hidden, weight, targets, impl="triton"),
+                lambda: lmloss.token_nll(logits, targets, impl="triton")):
+        with pytest.raises(ImportError, match="needs triton.*pip install"):
+            run()
 
 
 @pytest.mark.cuda

@@ -344,6 +344,37 @@ def test_bad_options():
             token_nll(logits, targets, impl="triton")
 
 
+# ---- choosing the implementation ----------------------------------------------------------------------
+
+def test_auto_rule_picks_triton_only_on_cuda_with_triton(monkeypatch):
+    from lmloss.ops._checks import choose_impl
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects need no GPU
+    monkeypatch.setattr("lmloss.ops._checks.triton_available", lambda: True)
+    assert choose_impl("auto", cuda, lmloss.IMPLS) == "triton"
+    assert choose_impl("auto", cpu, lmloss.IMPLS) == "chunked"
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    assert choose_impl("auto", cuda, lmloss.IMPLS) == "chunked"  # CUDA without Triton: the fallback
+    assert choose_impl("reference", cuda, lmloss.IMPLS) == "reference"  # a named impl is taken as named
+    with pytest.raises(ValueError, match="unknown impl 'fast'; expected 'auto' or one of"):
+        choose_impl("fast", cpu, lmloss.IMPLS)
+
+
+@pytest.mark.skipif(not (INTERPRET or CUDA), reason="the launchers need CUDA or TRITON_INTERPRET=1")
+def test_triton_launchers_take_the_tile_config_as_data():
+    from lmloss.ops import triton_kernels as tk
+    logits = make_logits(5, 300, 10.0, torch.float32)
+    targets = make_targets(5, 300, n_ignored=1)
+    ref = nll_float64(logits, targets)
+    assert tk.default_config(300)[0] == 512
+    g = (targets != -100).float()  # the dispatcher's backward zeroes ignored rows before the launcher
+    for config in (None, (64, 4), (128, 2)):  # None: the default
+        nll, lse = tk.nll_lse(logits, targets, -100, config=config)
+        torch.testing.assert_close(nll.double(), ref, rtol=1e-6, atol=1e-5)
+        grad = tk.grad_logits(logits, targets, lse, g, torch.empty_like(logits), config=config)
+        torch.testing.assert_close(grad.double(), grad_float64(logits, targets, g), rtol=1e-5, atol=1e-7)
+
+
 # ---- Triton, natively on CUDA or in the interpreter -----------------------------------------------------
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from lmloss.ops import chunked, reference
-from lmloss.ops._checks import check_logits, check_reduction, check_targets, compute_dtype, reduce_nll, row_views
+from lmloss.ops._checks import (check_logits, check_reduction, check_targets, choose_impl, compute_dtype, reduce_nll,
+                                row_views)
 
 
 class Impl(NamedTuple):
@@ -48,17 +49,7 @@ IMPLS = {
 
 
 def _resolve(impl: str, logits: torch.Tensor) -> Impl:
-    if impl == "auto":
-        impl = "chunked"
-        if logits.is_cuda:
-            try:
-                import triton  # noqa: F401
-                impl = "triton"
-            except ImportError:
-                pass
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected 'auto' or one of {sorted(IMPLS)}")
-    return IMPLS[impl]
+    return IMPLS[choose_impl(impl, logits.device, IMPLS)]
 
 
 def _forward(impl: Impl, logits, targets, ignore_index):

@@ -1,4 +1,5 @@
-"""Input validation, row views and reductions shared by every implementation of the ops contract."""
+"""Input validation, the choice of implementation ("auto"), row views and reductions shared by every
+implementation of the ops contract and by the fused linear cross-entropy."""
 
 from __future__ import annotations
 
@@ -50,6 +51,26 @@ def check_targets(logits, targets, ignore_index: int) -> None:
             f"ignore_index={ignore_index} ({int(bad.sum())} bad target(s) in all); check the tokenizer "
             "matches the model, or pass the padding id as ignore_index"
         )
+
+
+def triton_available() -> bool:
+    """Whether `import triton` succeeds here (a cached import after the first call)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_impl(impl: str, device: torch.device, names) -> str:
+    """The implementation `impl` names for tensors on `device`: "auto" is "triton" on CUDA when triton
+    imports, else "chunked" (CPU, or CUDA without Triton); any other name must be one of `names`.
+    The one rule for token_nll, cross_entropy, logsumexp and linear_token_nll / linear_cross_entropy."""
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "chunked"
+    if impl not in names:
+        raise ValueError(f"unknown impl {impl!r}; expected 'auto' or one of {sorted(names)}")
+    return impl
 
 
 def row_views(x: torch.Tensor) -> list[torch.Tensor]:

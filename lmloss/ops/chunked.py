@@ -7,12 +7,8 @@ rows is read once from memory while torch's vectorized log_softmax kernel makes 
 or two blocks plus O(N), and nothing is compiled. The backward writes softmax - onehot block by
 block straight into the gradient tensor.
 
-Threads: a parallel torch op on a 2 MB block pays an OpenMP fork/join each time, and on a loaded
-machine that join waits for a descheduled thread (measured: 12 ms per block on 2 busy cores, 6x
-slower than F.cross_entropy). So on CPU the rows are split into one contiguous range per intra-op
-thread, and each range runs its block loop on a worker thread whose torch ops are single-threaded;
-the ops release the GIL, so the ranges run in parallel with no per-block join. (torch.set_num_threads
-in a worker also moves the process default, which _parallel_rows puts back before returning.)
+Threads: on CPU the rows are split into one contiguous range per intra-op thread, each run on a worker
+thread with single-threaded torch ops (lmloss/ops/_threads.py says why: no fork/join per block).
 
 Identities used:
     nll = -log_softmax(x)[t]
@@ -22,61 +18,20 @@ Identities used:
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 from lmloss.ops._checks import compute_dtype
+from lmloss.ops._threads import parallel_rows
 
 # A block of fp32 rows small enough to stay in L2 across log_softmax's passes, large enough that the
 # Python loop costs little. On CUDA (no Triton) a block is about one big kernel launch instead.
 _CPU_BLOCK_BYTES = 2 << 20
 _CUDA_BLOCK_BYTES = 256 << 20
 
-_pool: ThreadPoolExecutor | None = None  # worker threads for _parallel_rows, created on first use
-_pool_workers = 0
-_pool_lock = threading.Lock()
-
 
 def _block_rows(logits: torch.Tensor, itemsize: int) -> int:
     budget = _CUDA_BLOCK_BYTES if logits.is_cuda else _CPU_BLOCK_BYTES
     return max(1, min(logits.shape[0], budget // (logits.shape[1] * itemsize)))
-
-
-def _single_threaded(fn, start, end, inference):
-    torch.set_num_threads(1)  # this worker thread's intra-op threads (OpenMP's setting is per thread)
-    # Grad and inference mode are per thread: the caller's autograd.Function runs without grad, and
-    # under the caller's torch.inference_mode() its buffers are inference tensors that only a thread
-    # in inference mode may write (https://github.com/pytorch/rfcs/pull/17). This order, because
-    # inference_mode(False) turns grad mode back on.
-    with torch.inference_mode(inference), torch.no_grad():
-        return fn(start, end)
-
-
-def _parallel_rows(fn, n_rows: int, block_rows: int, device: torch.device) -> None:
-    """Call fn(start, end) on contiguous row ranges, one per intra-op thread, concurrently on CPU."""
-    global _pool, _pool_workers
-    n_threads = torch.get_num_threads()
-    n_ranges = min(n_threads, -(-n_rows // block_rows))
-    if device.type != "cpu" or n_ranges <= 1:
-        fn(0, n_rows)
-        return
-    step = -(-n_rows // n_ranges)
-    ranges = [(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
-    with _pool_lock:
-        if _pool_workers < len(ranges):
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool, _pool_workers = ThreadPoolExecutor(len(ranges), thread_name_prefix="lmloss-chunked"), len(ranges)
-        pool = _pool
-    try:
-        inference = torch.is_inference_mode_enabled()
-        futures = [pool.submit(_single_threaded, fn, s, e, inference) for s, e in ranges]
-        for f in futures:
-            f.result()
-    finally:
-        torch.set_num_threads(n_threads)  # the workers' set_num_threads(1) also moved the process default
 
 
 def nll_lse(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
@@ -103,7 +58,7 @@ def nll_lse(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
             x_t = x.gather(1, tcol[s:e])[:, 0]
             torch.sub(x_t.double(), logp_t[s:e].double(), out=lse[s:e])  # 3. lse = x_t - logp_t
 
-    _parallel_rows(rows, N, B, logits.device)
+    parallel_rows(rows, N, B, logits.device)
     _fix_cancelled_lse(logits, logp_t, lse, B)
     return torch.where(valid, -logp_t, 0.0), lse
 
@@ -145,5 +100,5 @@ def grad_logits(logits, targets, lse, grad_nll, out):
             if buf is not None:
                 out[s:e].copy_(gb)  # 3. one rounding to logits' dtype
 
-    _parallel_rows(rows, N, B, logits.device)
+    parallel_rows(rows, N, B, logits.device)
     return out

@@ -14,7 +14,8 @@ import functools
 
 import torch
 
-from lmloss.ops._checks import check_reduction, compute_dtype, reduce_nll
+from lmloss.ops._checks import check_reduction, choose_impl, compute_dtype, reduce_nll
+from lmloss.ops._threads import parallel_rows
 
 # One tile of logits is at most this many float32 elements (64 MiB: 8192 rows x 2048 vocabulary
 # entries, under 5% of the logits at N=8192, V=50257): the backward's tile, and the forward's on
@@ -32,7 +33,7 @@ def linear_token_nll(hidden, weight, targets, *, bias=None, ignore_index=-100, s
     hidden (..., d) float; weight (V, d) same dtype; bias (V,) or None; targets (...) int64
     -> (...) float32 (float64 for float64 inputs), 0.0 where ignored.
     chunk_size: vocabulary entries per block (default 2048); one block of logits for at most
-    8192 rows (64 MiB) exists at a time. impl: "auto" (Triton on CUDA, else "chunked"),
+    8192 rows (64 MiB) exists at a time. impl: "auto" (Triton on CUDA when triton imports, else "chunked"),
     "chunked" (torch matmuls, any device) or "triton". Never writes to its inputs."""
     h2, t1 = _check(hidden, weight, targets, bias, ignore_index, softcap)
     with torch.no_grad():
@@ -115,17 +116,18 @@ def _check(hidden, weight, targets, bias, ignore_index, softcap):
 
 
 def _forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl):
-    """-> (lse, target_logit), (N,) each: target_logit in the compute dtype, lse in it or float64."""
-    if impl == "auto":
-        impl = "triton" if h2.is_cuda else "chunked"
+    """-> (lse, target_logit), (N,) each: target_logit in the compute dtype, lse in it or float64.
+    impl "auto" follows token_nll's rule (choose_impl): Triton on CUDA when triton imports, else chunked."""
     impls = {"chunked": _forward_chunked, "triton": _forward_triton}
-    if impl not in impls:
-        raise ValueError(f"impl must be one of {['auto', *impls]}, got {impl!r}")
-    return impls[impl](h2, weight, t1, bias, ignore_index, softcap, chunk_size)
+    return impls[choose_impl(impl, h2.device, impls)](h2, weight, t1, bias, ignore_index, softcap, chunk_size)
 
 
 def _forward_triton(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
-    from lmloss.ops.linear_triton import linear_lse_target  # needs triton (pip install triton)
+    try:
+        from lmloss.ops.linear_triton import linear_lse_target
+    except ImportError as e:
+        raise ImportError(f"impl='triton' needs triton ({e}); pip install 'lmloss[triton]', "
+                          "or use impl='chunked'") from e
     return linear_lse_target(h2, weight, t1, bias, softcap=softcap)
 
 
@@ -178,11 +180,9 @@ def _forward_chunked(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
     On the CPU the rows are split into one range per intra-op thread, each run with single-threaded
     ops over tiles of _CPU_TILE_ELEMS (cache-sized: the exp and sum passes read the tile from
     cache, not memory), vocabulary blocks outermost so that each block of W is read once per range
-    (chunked.py's _parallel_rows). On this project's 2 cores (N=8192, d=768, V=50257, one run,
+    (lmloss/ops/_threads.py's parallel_rows). On this project's 2 cores (N=8192, d=768, V=50257, one run,
     3 alternating rounds): 1024 x 2048 tiles per thread 3418 ms, 256-1024 rows x 1024-2048 columns
     3409-3464 ms, one 8192 x 2048 tile on both threads 3706 ms (1.08x slower); 185 GFLOP/s."""
-    from lmloss.ops.chunked import _parallel_rows
-
     N, V = h2.shape[0], weight.shape[0]
     dt = compute_dtype(h2.dtype)
     cpu = h2.device.type == "cpu"
@@ -201,7 +201,7 @@ def _forward_chunked(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
                 _fold_block(h, w_block, b_block, softcap, buf, t1[r0:r0 + h.shape[0]], c0,
                             lse[r0:r0 + h.shape[0]], target_logit[r0:r0 + h.shape[0]], first=c0 == 0)
 
-    _parallel_rows(row_range, N, rows, h2.device)
+    parallel_rows(row_range, N, rows, h2.device)
     return lse, target_logit
 
 

@@ -67,11 +67,11 @@ def _linear_lse_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, tgt_ptr,
 def _fp32_precision(device) -> str:
     """tl.dot precision for float32 inputs: "tf32x3" (three tf32 products on the tensor cores,
     float32-level error: 1.8e-7 relative against float64 where "ieee" gave 5.2e-7) from Ampere on,
-    else "ieee" (fp32 FMAs, 3.8x slower on an H200). tune_triton.py may replace this function."""
+    else "ieee" (fp32 FMAs, 3.8x slower on an H200)."""
     return "tf32x3" if torch.cuda.get_device_capability(device) >= (8, 0) else "ieee"
 
 
-def _dot_precision(h2) -> str:
+def default_precision(h2) -> str:
     """fp32 inputs: float32-level products like torch's default matmul (plain tf32 would lose 13
     bits); bf16/fp16 inputs: the tensor cores' native path ("tf32" is triton's default); the
     interpreter: "ieee"."""
@@ -80,9 +80,9 @@ def _dot_precision(h2) -> str:
     return _fp32_precision(h2.device) if h2.dtype == torch.float32 else "tf32"
 
 
-def _tile_config(h2, precision: str) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for this input. Chosen with
-    scripts/tune_triton.py on an H200 (N=8192, d=768, V=50257; it replaces this function): bf16
+def default_config(h2, precision: str) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for this input and tl.dot precision. Chosen
+    with scripts/tune_triton.py on an H200 (N=8192, d=768, V=50257; it passes others as `config`): bf16
     256x128x64 ran 1.09x the 64x128x64 tiles; float32 (tf32x3) 128x128x64 ran 5.8x the fp32-FMA
     64x128x32 tiles; where fp32 FMAs are the only way, 128x128x32 ran 1.5x 64x128x32."""
     if not h2.is_cuda:  # the interpreter: small tiles keep the CPU emulation quick
@@ -94,17 +94,20 @@ def _tile_config(h2, precision: str) -> tuple[int, int, int, int, int]:
     return 128, 128, 32, 8, 3
 
 
-def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None):
+def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None, config=None, precision=None):
     """-> (lse, target_logit), (N,) float32 each, for logits z = h2 @ weight.T + bias (softcapped).
     h2 (N, d) and weight (V, d) float32/bfloat16/float16 on CUDA (or CPU under TRITON_INTERPRET=1);
-    t1 (N,) int64; ignored targets (outside [0, V)) give target_logit 0."""
+    t1 (N,) int64; ignored targets (outside [0, V)) give target_logit 0. precision: tl.dot's
+    input_precision ("ieee", "tf32", "tf32x3"), default default_precision(h2); config: (BLOCK_M,
+    BLOCK_N, BLOCK_K, num_warps, num_stages), the blocks powers of 2 of at least 16, default
+    default_config(h2, precision)."""
     if h2.dtype == torch.float64:
         raise TypeError("the Triton path has no float64 tl.dot; use impl='chunked' for float64")
     N, D = h2.shape
     V = weight.shape[0]
     h2, weight = h2.contiguous(), weight.contiguous()
-    precision = _dot_precision(h2)
-    block_m, block_n, block_k, warps, stages = _tile_config(h2, precision)
+    precision = default_precision(h2) if precision is None else precision
+    block_m, block_n, block_k, warps, stages = default_config(h2, precision) if config is None else config
     if h2.is_cuda:
         n_programs_wanted = 4 * torch.cuda.get_device_properties(h2.device).multi_processor_count
     else:

@@ -73,8 +73,9 @@ def _grad_kernel(x_ptr, stride_xn, stride_xv, t_ptr, lse_ptr, g_ptr, out_ptr, st
         tl.store(out_row + cols, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_config(V: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): 4096-wide blocks keep registers in check; small V takes one block."""
+def default_config(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for both kernels: 4096-wide blocks keep registers in check; small V takes
+    one block. BLOCK_V must be a power of 2. scripts/tune_triton.py times others, passed as `config`."""
     block = min(4096, triton.next_power_of_2(V))
     return block, (8 if block >= 2048 else 4)
 
@@ -87,8 +88,9 @@ def _check_device(logits: torch.Tensor) -> None:
         )
 
 
-def nll_lse(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """logits (N, V), targets (N,) int64 -> (nll (N,) float32 (float64 for float64 logits), lse (N,) float64)."""
+def nll_lse(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, *, config=None):
+    """logits (N, V), targets (N,) int64 -> (nll (N,) float32 (float64 for float64 logits), lse (N,) float64).
+    config: (BLOCK_V, num_warps), default default_config(V)."""
     _check_device(logits)
     N, V = logits.shape
     cdt = compute_dtype(logits.dtype)
@@ -96,20 +98,21 @@ def nll_lse(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
     lse = torch.empty(N, dtype=torch.float64, device=logits.device)
     if N == 0:
         return nll, lse
-    block, warps = _launch_config(V)
+    block, warps = default_config(V) if config is None else config
     _nll_lse_kernel[(N,)](logits, logits.stride(0), logits.stride(1), targets.contiguous(), nll, lse, V,
                           ignore_index, BLOCK_V=block, COMPUTE=_TL_DTYPES[cdt], num_warps=warps)
     return nll, lse
 
 
-def grad_logits(logits, targets, lse, grad_nll, out):
-    """out[i, j] = (exp(x[i, j] - lse[i]) - [j == targets[i]]) * grad_nll[i]; out (N, V) with unit column stride."""
+def grad_logits(logits, targets, lse, grad_nll, out, *, config=None):
+    """out[i, j] = (exp(x[i, j] - lse[i]) - [j == targets[i]]) * grad_nll[i]; out (N, V) with unit column stride.
+    config: (BLOCK_V, num_warps), default default_config(V)."""
     _check_device(logits)
     N, V = logits.shape
     if N == 0:
         return out
     cdt = compute_dtype(logits.dtype)
-    block, warps = _launch_config(V)
+    block, warps = default_config(V) if config is None else config
     _grad_kernel[(N,)](logits, logits.stride(0), logits.stride(1), targets.contiguous(), lse.contiguous(),
                        grad_nll.contiguous(), out, out.stride(0), V,
                        BLOCK_V=block, COMPUTE=_TL_DTYPES[cdt], num_warps=warps)
