@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["Checkpoint", "checkpoint_path", "checkpoint_files", "read_checkpoint", "count_rows",
+__all__ = ["Checkpoint", "checkpoint_path", "rank_path", "checkpoint_files", "read_checkpoint", "count_rows",
            "check_rows", "text_sha256", "corpus_sha256"]
 
 _KIND = "lmloss-checkpoint-v2"
@@ -54,17 +54,25 @@ def _checksum(obj: dict) -> str:
 
 
 def checkpoint_path(output: str | os.PathLike, rank: int = 0) -> Path:
-    """Where the checkpoint of `output` lives: results.json -> results.json.partial[.rankN].jsonl"""
+    """Where the CLI keeps the checkpoint of `output`: results.json -> results.json.partial.jsonl
+    (rank r > 0: results.json.partial.rank{r}.jsonl)."""
     out = Path(output)
-    suffix = ".partial.jsonl" if rank == 0 else f".partial.rank{rank}.jsonl"
-    return out.with_name(out.name + suffix)
+    return rank_path(out.with_name(out.name + ".partial.jsonl"), rank)
 
 
-def checkpoint_files(output: str | os.PathLike) -> list[Path]:
-    """Every rank's checkpoint of `output` that exists (a resumed run may use another world size)."""
-    first = checkpoint_path(output)
-    pattern = glob.escape(str(first.parent / first.name[:-len(".partial.jsonl")])) + ".partial*.jsonl"
-    return sorted(Path(p) for p in glob.glob(pattern))
+def rank_path(base: str | os.PathLike, rank: int) -> Path:
+    """The file rank `rank` writes for checkpoint `base`: base itself for rank 0, else base's
+    sibling with ".rank{rank}" before its suffix (run.jsonl -> run.rank2.jsonl)."""
+    base = Path(base)
+    return base if rank == 0 else base.with_name(f"{base.stem}.rank{rank}{base.suffix}")
+
+
+def checkpoint_files(base: str | os.PathLike) -> list[Path]:
+    """Every rank's file of checkpoint `base` that exists (a resumed run may use another world size)."""
+    base = Path(base)
+    pattern = glob.escape(str(base.with_name(base.stem))) + ".rank*" + glob.escape(base.suffix)
+    ranks = sorted(Path(p) for p in glob.glob(pattern) if Path(p).stem.rsplit(".rank", 1)[-1].isdigit())
+    return ([base] if base.is_file() else []) + ranks
 
 
 def _lines(path: Path) -> tuple[list[bytes], int]:
@@ -89,8 +97,8 @@ def _corrupt(path: Path, line_no: int, why: str, n_lines: int) -> ValueError:
     return ValueError(
         f"checkpoint {path} is corrupt at line {line_no} of {n_lines} ({why}). lmloss wrote every line "
         "with a checksum, so the file was changed or damaged after it was written; resuming would "
-        "drop or trust rows it cannot vouch for. Restore the file, or pass --overwrite to start the "
-        "run over (its rows are then discarded).")
+        "drop or trust rows it cannot vouch for. Restore the file, or delete it to start the run over "
+        "(scripts/eval.py: --overwrite); its rows are then discarded.")
 
 
 def _check_row_fields(row: dict) -> str:
@@ -133,7 +141,7 @@ def read_checkpoint(path: str | os.PathLike, fingerprint: dict) -> dict[int, dic
         if n == 1 and (not isinstance(obj, dict) or obj.get("kind") != _KIND):
             kind = obj.get("kind") if isinstance(obj, dict) else None
             raise ValueError(f"{path} is not an lmloss checkpoint of this version (header kind {kind!r}, "
-                             f"expected {_KIND!r}); pass --overwrite to start over")
+                             f"expected {_KIND!r}); delete it to start over (scripts/eval.py: --overwrite)")
         if not isinstance(obj, dict) or _checksum({k: v for k, v in obj.items() if k != "checksum"}) != obj.get("checksum"):
             raise _corrupt(path, n, "its checksum does not match its content", len(lines))
         if n == 1:
@@ -141,7 +149,8 @@ def read_checkpoint(path: str | os.PathLike, fingerprint: dict) -> dict[int, dic
             if diffs:
                 raise ValueError(f"cannot resume from {path}: it belongs to another configuration\n  "
                                  + "\n  ".join(diffs)
-                                 + "\nRerun with the same settings, or pass --overwrite to start over.")
+                                 + "\nRerun with the same settings, or delete it to start over "
+                                 "(scripts/eval.py: --overwrite).")
             continue
         del obj["checksum"]
         why = _check_row_fields(obj)
@@ -159,7 +168,7 @@ def check_rows(rows: Mapping[int, dict], documents: Sequence) -> None:
     for i, row in rows.items():
         if not 0 <= i < len(documents):
             raise ValueError(f"checkpoint row for document {i} is out of range: the corpus has "
-                             f"{len(documents)} documents. Pass --overwrite to start over.")
+                             f"{len(documents)} documents. Delete it to start over (scripts/eval.py: --overwrite).")
         doc = documents[i]
         want = dict(text_sha256=text_sha256(doc.text), n_bytes=doc.n_bytes, n_words=doc.n_words,
                     n_chars=doc.n_chars)
@@ -167,23 +176,24 @@ def check_rows(rows: Mapping[int, dict], documents: Sequence) -> None:
         if bad:
             raise ValueError(f"checkpoint row for document {i} does not match that document of the "
                              f"corpus ({'; '.join(bad)}): the corpus changed since the checkpoint was "
-                             "written. Pass --overwrite to start over.")
+                             "written. Delete it to start over (scripts/eval.py: --overwrite).")
 
 
 class Checkpoint:
     """Append-only, fsynced record of finished documents for one run configuration.
 
     keep=False starts the file anew (header only); keep=True appends to the file as it is, after
-    dropping a torn last line (read and verify it with read_checkpoint first).
+    dropping a torn last line (read and verify it with read_checkpoint first); a file without a
+    complete header line is started anew either way.
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict, *, keep: bool = False):
         self.path = Path(path)
         self.fingerprint = json.loads(json.dumps(fingerprint))
         self.n_appended = 0
-        if keep and self.path.is_file() and self.path.stat().st_size:
-            _, good = _lines(self.path)
-            with open(self.path, "r+b") as f:  # drop a torn last line before appending
+        lines, good = _lines(self.path) if keep and self.path.is_file() else ([], 0)
+        if lines:  # a header at least: drop a torn last line, then append
+            with open(self.path, "r+b") as f:
                 f.truncate(good)
             self._file = open(self.path, "a", encoding="utf-8")
         else:

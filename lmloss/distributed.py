@@ -1,8 +1,8 @@
 """Data-parallel evaluation on torch.distributed, as launched by torchrun.
 
 Documents (never single windows, so each document's row is computed whole on one rank) are dealt
-to ranks by a deterministic greedy balance of their token counts; each rank evaluates its share,
-and the float64 sums are all-reduced once at the end. Nothing here is home-made transport:
+to ranks by a deterministic greedy balance of their lengths; each rank evaluates its share, and
+lmloss.evaluate gathers the per-document sums and adds them in document order. Nothing here is home-made transport:
 torch.distributed does the communication, torchrun the launching.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DistContext", "init_from_env", "shard_documents", "gather_rows"]
+__all__ = ["DistContext", "init_from_env", "shard_documents"]
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,3 @@ def shard_documents(n_tokens_per_doc: list[int], rank: int, world_size: int) -> 
         if r == rank:
             mine.append(i)
     return sorted(mine)
-
-
-def gather_rows(rows: list[dict], ctx: DistContext) -> list[dict]:
-    """Every rank's per-document rows, on every rank, sorted by document index."""
-    if ctx.world_size == 1:
-        return sorted(rows, key=lambda r: r["index"])
-    import torch.distributed as dist
-
-    parts: list = [None] * ctx.world_size
-    dist.all_gather_object(parts, rows)
-    return sorted((r for p in parts for r in p), key=lambda r: r["index"])

@@ -1,51 +1,90 @@
 """The evaluation loop: documents -> token windows -> batched forward passes -> exact float64 sums.
 
     result = evaluate(load_model("gpt2"), load_tokenizer("gpt2"), load_corpus("wikitext"))
-    result.totals.bits_per_byte, result.documents[0]["nll_nats"]
+    result.totals.bits_per_byte, result.per_document[0].totals.nll_nats
+    result = evaluate(model, tok, docs, checkpoint="run.jsonl")   # resumes from run.jsonl if present
 
 Windows of consecutive documents are sorted by length (longest first, ties in plan order) and
 batched with right padding. Under a causal mask a real token only attends to the real tokens
 before it, so padding changes no scored logit, and pad positions are never scored; results do not
-depend on the batch size beyond float rounding of the matrix products. Only the scored positions go through the
-output head: the fused `linear_token_nll` where the model exposes its head, else `token_nll` on
-logits of those rows. Per-window sums are taken in float64 and added per document in one fixed
-order, so totals are deterministic.
+depend on the batch size beyond float rounding of the matrix products. Only the scored positions go
+through the output head: the fused `linear_token_nll` where the model exposes its head, else
+`token_nll` on logits of those rows. Per-window sums are taken in float64 and added per document in
+one fixed order, so totals are deterministic.
+
+Resume: with `checkpoint=`, every finished document is appended and fsynced there (lmloss.checkpoint);
+a later call with the same settings and corpus restores those documents and scores the rest. The
+batches are always those of the whole run, and a batch holding any unfinished document is computed
+whole, so a resumed run's numbers are bit-identical to an uninterrupted one's on the same device,
+dtype, batch size, thread count and number of processes.
+
+Data parallel: under torchrun (an initialized default process group, or torchrun's environment)
+the documents are dealt to ranks (lmloss.distributed.shard_documents), each rank scores its share,
+and every rank returns the merged result: the per-document sums gathered and added in document
+order, the same float64 additions as one process makes.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from lmloss.checkpoint import check_rows, text_sha256
+from lmloss import checkpoint as ckpt_io
 from lmloss.metrics import LossTotals
+from lmloss.ops import token_nll
+from lmloss.ops.linear import linear_token_nll
 from lmloss.windows import Window, plan_windows
 
-__all__ = ["EvalResult", "evaluate", "score_windows", "bootstrap_ci", "check_tokenizer_fits"]
+__all__ = ["DocumentResult", "EvalResult", "evaluate", "score_windows", "bootstrap_ci",
+           "check_tokenizer_fits", "default_batch_size", "fingerprint"]
 
 _HEAD_ROWS = 2048  # rows of logits built at once on the logits path: 2048 x V floats
 _GROUP_BATCHES = 16  # batches per group of documents sorted together (_batch_order)
 
 
+@dataclass(frozen=True)
+class DocumentResult:
+    """One document's sums (its scored tokens' NLL and its text's counts) and its identity:
+    its index in the corpus and sha256(text)[:16]."""
+
+    index: int
+    name: str
+    totals: LossTotals
+    text_sha256: str
+
+    def to_dict(self) -> dict:
+        """The flat row of the results JSON and the checkpoint: index, name, nll_nats, n_tokens,
+        n_bytes, n_words, n_chars, text_sha256."""
+        return dict(index=self.index, name=self.name, **self.totals.to_dict(), text_sha256=self.text_sha256)
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "DocumentResult":
+        totals = LossTotals(row["nll_nats"], row["n_tokens"], row["n_bytes"], row["n_words"], row["n_chars"])
+        return cls(int(row["index"]), str(row.get("name", "")), totals, row["text_sha256"])
+
+
 @dataclass
 class EvalResult:
-    """Totals over all documents, one row per document, and what produced them."""
+    """Totals over all documents, one DocumentResult per document (in document order, every rank's
+    and every restored one), and what produced them. windows, window_nll_nats and token_nll are
+    this process's, of this call; the position sums are summed over ranks."""
 
     totals: LossTotals
-    documents: list[dict]  # index, name, nll_nats, n_tokens, n_bytes, n_words, n_chars
+    per_document: list[DocumentResult]
     config: dict
     windows: list[Window] = field(default_factory=list)
     window_nll_nats: list[float] = field(default_factory=list)  # per window, plan order
     position_nll_nats: list[float] = field(default_factory=list)  # summed by input position
     position_count: list[int] = field(default_factory=list)
-    token_nll: list[torch.Tensor] | None = None  # per document, float32, in target order
+    token_nll: dict[int, torch.Tensor] | None = None  # document index -> float32 NLL in target order
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
-    resumed_documents: int = 0  # rows restored from done_rows, not scored in this call
+    resumed_documents: int = 0  # restored from the checkpoint, not scored in this call
 
     @property
     def tokens_per_s(self) -> float:
@@ -55,24 +94,34 @@ class EvalResult:
         return self.totals.metrics()
 
 
-def bootstrap_ci(documents: Sequence[dict], *, n_resamples: int = 1000, level: float = 0.95,
+def default_batch_size(model) -> int:
+    """Windows per forward pass when none is given: 2 on the CPU (SmolLM2, 1024-token windows, this
+    project's 2-core machine: batch 1-2 ran 5-10% faster than 4 or 8); 32 on a GPU, 8 there for a
+    model without a separable head, whose full (batch, T, V) logits must exist."""
+    if model.device.type == "cpu":
+        return 2
+    return 32 if model.head is not None else 8
+
+
+def bootstrap_ci(per_document: Sequence[DocumentResult], *, n_resamples: int = 1000, level: float = 0.95,
                  seed: int = 0) -> dict:
     """Percentile bootstrap over documents: {metric: (low, high)} for bits_per_byte and the
     perplexities, each a ratio of sums over a resample of documents drawn with replacement.
     Empty with fewer than 2 documents (one document has no spread to resample)."""
     import numpy as np
 
-    if len(documents) < 2:
+    if len(per_document) < 2:
         return {}
+    sums = [d.totals for d in per_document]
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(documents), size=(n_resamples, len(documents)))
-    nll = np.array([d["nll_nats"] for d in documents], dtype=np.float64)[idx].sum(axis=1)
+    idx = rng.integers(0, len(sums), size=(n_resamples, len(sums)))
+    nll = np.array([t.nll_nats for t in sums], dtype=np.float64)[idx].sum(axis=1)
     alpha = (1.0 - level) / 2
     out = {}
     ratios = (("token_perplexity", "n_tokens", None), ("byte_perplexity", "n_bytes", None),
               ("word_perplexity", "n_words", None), ("bits_per_byte", "n_bytes", math.log(2)))
     for metric, key, scale in ratios:
-        denom = np.array([d[key] for d in documents], dtype=np.float64)[idx].sum(axis=1)
+        denom = np.array([getattr(t, key) for t in sums], dtype=np.float64)[idx].sum(axis=1)
         if (denom <= 0).any():
             continue
         ratio = nll / denom
@@ -101,16 +150,12 @@ def _batch_tensors(batch: list[Window], tokens: Sequence[Sequence[int]], device)
 
 def _head_fused(hidden, head, targets) -> torch.Tensor:
     """lmloss.linear_token_nll: the loss straight from hidden states, never all logits at once."""
-    import lmloss
-
-    return lmloss.linear_token_nll(hidden, head.weight, targets, bias=head.bias, softcap=head.softcap)
+    return linear_token_nll(hidden, head.weight, targets, bias=head.bias, softcap=head.softcap)
 
 
 def _head_logits(hidden, head, targets) -> torch.Tensor:
     """Logits of the scored rows only, _HEAD_ROWS at a time, then lmloss.token_nll."""
-    import lmloss
-
-    parts = [lmloss.token_nll(head.logits(hidden[i:i + _HEAD_ROWS]), targets[i:i + _HEAD_ROWS])
+    parts = [token_nll(head.logits(hidden[i:i + _HEAD_ROWS]), targets[i:i + _HEAD_ROWS])
              for i in range(0, hidden.shape[0], _HEAD_ROWS)]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
@@ -118,10 +163,8 @@ def _head_logits(hidden, head, targets) -> torch.Tensor:
 HEAD_IMPLS = {"fused": _head_fused, "logits": _head_logits}
 
 
-def _scored_nll(model, ids, rows, cols, targets, state: dict) -> torch.Tensor:
+def _scored_nll(model, ids, rows, cols, targets, head_impl: str) -> torch.Tensor:
     """Per-token NLL (M,) float32 of the scored positions (rows[k], cols[k]) only."""
-    import lmloss
-
     if model.head is None:
         logits = model(ids)  # (B, T, V)
         # Each window's scored positions are one contiguous run of its row: score views of the
@@ -130,18 +173,11 @@ def _scored_nll(model, ids, rows, cols, targets, state: dict) -> torch.Tensor:
         for b, n in enumerate(torch.bincount(rows, minlength=ids.shape[0]).tolist()):
             if n:
                 first = int(cols[k])
-                parts.append(lmloss.token_nll(logits[b, first:first + n], targets[k:k + n]))
+                parts.append(token_nll(logits[b, first:first + n], targets[k:k + n]))
                 k += n
         return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
     hidden = model.hidden_states(ids)[rows, cols]  # (M, d)
-    if state["head_impl"] == "fused":
-        try:
-            return _head_fused(hidden, model.head, targets)
-        except NotImplementedError:
-            state["head_impl"] = "logits"
-            state["notes"].append("lmloss.linear_token_nll is not available: scoring from logits "
-                                  "of the scored rows")
-    return HEAD_IMPLS[state["head_impl"]](hidden, model.head, targets)
+    return HEAD_IMPLS[head_impl](hidden, model.head, targets)
 
 
 def _batch_order(windows: Sequence[Window], *, group_size: int) -> list[int]:
@@ -159,7 +195,7 @@ def _batch_order(windows: Sequence[Window], *, group_size: int) -> list[int]:
 
 
 def score_windows(model, tokens: Sequence[Sequence[int]], windows: Sequence[Window], *,
-                  batch_size: int = 8, head_impl: str = "fused", notes: list | None = None,
+                  batch_size: int = 8, head_impl: str = "fused",
                   skip: frozenset[int] = frozenset()) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
     """Yield (window indices, per-token NLL of each window's scored targets (float32, CPU)) per batch.
 
@@ -174,7 +210,6 @@ def score_windows(model, tokens: Sequence[Sequence[int]], windows: Sequence[Wind
     if head_impl not in HEAD_IMPLS:
         raise ValueError(f"unknown head_impl {head_impl!r}; expected one of {sorted(HEAD_IMPLS)}")
     order = _batch_order(windows, group_size=_GROUP_BATCHES * batch_size)
-    state = {"notes": notes if notes is not None else [], "head_impl": head_impl}
     with torch.inference_mode():
         for lo in range(0, len(order), batch_size):
             idx = order[lo:lo + batch_size]
@@ -182,7 +217,7 @@ def score_windows(model, tokens: Sequence[Sequence[int]], windows: Sequence[Wind
                 continue
             batch = [windows[i] for i in idx]
             ids, rows, cols, targets = _batch_tensors(batch, tokens, model.device)
-            nll = _scored_nll(model, ids, rows, cols, targets, state).float().cpu()
+            nll = _scored_nll(model, ids, rows, cols, targets, head_impl).float().cpu()
             yield idx, list(nll.split([w.n_scored for w in batch]))
 
 
@@ -246,13 +281,56 @@ def _tokenize(tokenizer, documents, doc_ids, vocab_size: int) -> list:
     return tokens
 
 
+def fingerprint(model_name: str, tokenizer, documents: Sequence, *, plan: str, max_length: int,
+                stride: int | None, prefix_id: int | None, every_window: bool, dtype: str,
+                head_impl: str) -> dict:
+    """What must match for a checkpoint's rows to belong to a run: the corpus by content (its
+    documents' text hashes) and every setting that changes a number. Batch size, device and the
+    number of processes change only float rounding and may differ on resume."""
+    from lmloss import __version__
+
+    return dict(model=model_name, tokenizer=getattr(tokenizer, "name", None), n_documents=len(documents),
+                corpus_sha256=ckpt_io.corpus_sha256(documents), plan=plan, max_length=max_length,
+                stride=stride, prefix_id=prefix_id, every_window=every_window, dtype=dtype,
+                head_impl=head_impl, lmloss=__version__)
+
+
+def resolve_window(context_length: int | None, tokenizer, *, plan: str, max_length: int | None,
+                   prefix_id: int | None, every_window: bool) -> tuple[int, int | None]:
+    """(max_length, prefix_id) as a run uses them: the model's context length unless given (never
+    above it), and BOS (else EOS) as the prefix for "lm-eval" and every_window unless given."""
+    max_length = context_length if max_length is None else max_length
+    if max_length is None:
+        raise ValueError("the model's config states no context length: pass max_length")
+    if context_length is not None and max_length > context_length:
+        raise ValueError(f"max_length {max_length} is above the model's context length {context_length}; "
+                         f"pass max_length <= {context_length}")
+    if prefix_id is None and (plan == "lm-eval" or every_window):
+        prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    return max_length, prefix_id
+
+
+def restore(checkpoint, fp: dict, documents: Sequence) -> dict[int, DocumentResult]:
+    """The documents every rank's file of `checkpoint` holds for this run, each line verified and
+    each row checked against its document; {} when there is no file. ValueError otherwise."""
+    done: dict[int, dict] = {}
+    for path in ckpt_io.checkpoint_files(checkpoint):
+        rows = ckpt_io.read_checkpoint(path, fp)
+        twice = sorted(set(rows) & set(done))
+        if twice:
+            raise ValueError(f"documents {twice[:5]} are recorded in two files of checkpoint {checkpoint} "
+                             f"(one is {path}); delete them to start over")
+        done.update(rows)
+    ckpt_io.check_rows(done, documents)
+    return {i: DocumentResult.from_dict(row) for i, row in done.items()}
+
+
 def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
              max_length: int | None = None, stride: int | None = None, prefix_id: int | None = None,
-             every_window: bool = False, batch_size: int = 8, head_impl: str = "fused",
+             every_window: bool = False, batch_size: int | None = None, head_impl: str = "fused",
              keep_token_nll: bool = False, progress: bool = True,
-             on_document: Callable[[dict], None] | None = None,
-             indices: Sequence[int] | None = None,
-             done_rows: Mapping[int, dict] | None = None) -> EvalResult:
+             on_document: Callable[[DocumentResult], None] | None = None,
+             checkpoint: str | os.PathLike | None = None) -> EvalResult:
     """Score every token of every document once; float64 sums per document and overall.
 
     model: a LoadedModel (lmloss.load_model) or a transformers causal LM (wrapped on its device).
@@ -260,18 +338,17 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
     plan, max_length (default: the model's context), stride, every_window: see lmloss.windows.
     prefix_id: what the first token is predicted from; default BOS, else EOS, for "lm-eval" and
     every_window (for "sliding" the first token is then context only, as in the HF guide).
+    batch_size: windows per forward pass (default: default_batch_size(model)).
     head_impl: "fused" or "logits" (see score_windows).
-    on_document(row) is called as soon as a document's last window is scored.
-    indices: score only documents[i] for i in indices (a rank's shard); rows keep the documents'
-    indices in the whole corpus.
-    done_rows: {index: row} of documents scored before (a checkpoint's rows). Each is checked
-    against its document (text hash, counts, tokens under this plan) and returned as is. The
-    batches are those of the run without done_rows, and a batch holding any unfinished document
-    is computed whole, so the other documents' numbers are bit-identical to that run's (same
-    device, dtype, batch size and thread count; a document's loss moves by float rounding, ~1e-6
-    relative, when it is batched with other neighbours).
+    on_document(DocumentResult) is called as soon as a document's last window is scored.
+    checkpoint: a .jsonl path (rank r > 0 writes path's ".rank{r}" sibling). Every finished
+    document is appended and fsynced; calling again with the same settings and corpus restores
+    them (EvalResult.resumed_documents) and scores the rest, bit-identically (module docstring);
+    a checkpoint of other settings is refused, naming the keys that differ. The file is kept.
+    Under torchrun the documents are sharded over ranks and every rank returns the merged result.
     ValueError for a run that would score no token, and for a tokenizer that does not fit the model.
     """
+    from lmloss.distributed import shard_documents
     from lmloss.models import LoadedModel, load_model
 
     start = time.perf_counter()  # tokenizing counts, as it does in lm-eval's loglikelihood_rolling
@@ -279,61 +356,119 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
         param = next(model.parameters())
         model = load_model(model, device=str(param.device), dtype=str(param.dtype).removeprefix("torch."))
     _check_documents(documents)
-    done_rows = dict(done_rows or {})
-    check_rows(done_rows, documents)
-    doc_ids = list(range(len(documents))) if indices is None else [int(i) for i in indices]
-    documents = [documents[i] for i in doc_ids]
-    ctx = model.context_length
-    max_length = ctx if max_length is None else max_length
-    if max_length is None:
-        raise ValueError("the model's config states no context length: pass max_length")
-    if ctx is not None and max_length > ctx:
-        raise ValueError(f"max_length {max_length} is above the model's context length {ctx}; "
-                         f"pass max_length <= {ctx}")
-    if prefix_id is None and (plan == "lm-eval" or every_window):
-        prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    max_length, prefix_id = resolve_window(model.context_length, tokenizer, plan=plan, max_length=max_length,
+                                           prefix_id=prefix_id, every_window=every_window)
+    batch_size = default_batch_size(model) if batch_size is None else batch_size
     check_tokenizer_fits(tokenizer, model.vocab_size, model.name)
-    tokens = _tokenize(tokenizer, documents, doc_ids, model.vocab_size)
-    windows = plan_windows([len(t) for t in tokens], plan=plan, max_length=max_length, stride=stride,
-                           prefix_id=prefix_id, every_window=every_window)
+    rank, world_size = _process_group(model.device)
+    dtype = str(model.dtype).removeprefix("torch.")
+    fp = fingerprint(model.name, tokenizer, documents, plan=plan, max_length=max_length, stride=stride,
+                     prefix_id=prefix_id, every_window=every_window, dtype=dtype, head_impl=head_impl)
+    done = restore(checkpoint, fp, documents) if checkpoint is not None else {}
+    _barrier(world_size)  # every rank has read the checkpoint before any rank appends to it
+    mine = shard_documents([len(d.text) for d in documents], rank, world_size)
     config = dict(model=model.name, tokenizer=getattr(tokenizer, "name", None), plan=plan,
                   max_length=max_length, stride=stride, prefix_id=prefix_id, every_window=every_window,
-                  batch_size=batch_size, head_impl=head_impl, device=str(model.device),
-                  dtype=str(model.dtype).removeprefix("torch."), n_documents=len(documents),
-                  n_windows=len(windows))
-    done = {k: done_rows[i] for k, i in enumerate(doc_ids) if i in done_rows}
-    result = _run(model, documents, tokens, windows, config, start, batch_size=batch_size,
-                  head_impl=head_impl, keep_token_nll=keep_token_nll, progress=progress,
-                  on_document=on_document, doc_ids=doc_ids, done=done)
-    if documents and result.totals.n_tokens == 0:
-        raise ValueError(f"no token to score: the {len(documents)} documents encode to "
-                         f"{sum(map(len, tokens))} tokens under this plan; pass a corpus with text")
+                  batch_size=batch_size, head_impl=head_impl, device=str(model.device), dtype=dtype,
+                  n_documents=len(documents), world_size=world_size, corpus_sha256=fp["corpus_sha256"])
+    writer = ckpt_io.Checkpoint(ckpt_io.rank_path(checkpoint, rank), fp, keep=True) if checkpoint else None
+    try:
+        def finished(doc: DocumentResult) -> None:
+            if writer is not None:
+                writer.append(doc.to_dict())
+            if on_document is not None:
+                on_document(doc)
+
+        result = _score(model, tokenizer, documents, mine, done, config, start, batch_size=batch_size,
+                        head_impl=head_impl, keep_token_nll=keep_token_nll, progress=progress and rank == 0,
+                        on_document=finished)
+    finally:
+        if writer is not None:
+            writer.close()
+    if world_size > 1:
+        _merge_ranks(result)
+    if result.totals.n_tokens == 0:
+        raise ValueError(f"no token to score: the {len(documents)} documents hold no scored token under "
+                         f"plan {plan!r} (max_length {max_length}); pass a corpus with text")
     return result
+
+
+def _process_group(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): of the default process group, joined from torchrun's environment if not
+    yet initialized; (0, 1) without torchrun."""
+    import torch.distributed as dist
+
+    from lmloss.distributed import init_from_env
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        ctx = init_from_env(str(device))
+        return ctx.rank, ctx.world_size
+    return 0, 1
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _merge_ranks(result: EvalResult) -> None:
+    """Every rank's per-document results and position sums, on every rank: the totals are the sum
+    in document order, the same float64 additions as one process makes."""
+    import torch.distributed as dist
+
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (result.per_document, result.elapsed_s, result.position_nll_nats,
+                                   result.position_count, result.resumed_documents))
+    by_index = {d.index: d for p in parts for d in p[0]}
+    result.per_document = [by_index[i] for i in sorted(by_index)]
+    result.totals = sum((d.totals for d in result.per_document), LossTotals())
+    result.elapsed_s = max(p[1] for p in parts)
+    result.position_nll_nats = [sum(v) for v in zip(*(p[2] for p in parts))]
+    result.position_count = [sum(v) for v in zip(*(p[3] for p in parts))]
+    result.resumed_documents = sum(p[4] for p in parts)
+
+
+def _score(model, tokenizer, documents, mine, done, config, start, *, batch_size, head_impl, keep_token_nll,
+           progress, on_document) -> EvalResult:
+    """Score documents[i] for i in mine (restoring those in done) and return this process's result."""
+    tokens = _tokenize(tokenizer, [documents[i] for i in mine], mine, model.vocab_size)
+    windows = plan_windows([len(t) for t in tokens], plan=config["plan"], max_length=config["max_length"],
+                           stride=config["stride"], prefix_id=config["prefix_id"],
+                           every_window=config["every_window"])
+    config["n_windows"] = len(windows)
+    return _run(model, [documents[i] for i in mine], tokens, windows, config, start, batch_size=batch_size,
+                head_impl=head_impl, keep_token_nll=keep_token_nll, progress=progress,
+                on_document=on_document, doc_ids=mine,
+                done={k: done[i] for k, i in enumerate(mine) if i in done})
 
 
 def _run(model, documents, tokens, windows, config, start, *, batch_size, head_impl, keep_token_nll,
          progress, on_document, doc_ids, done) -> EvalResult:
     """The loop proper: score batches, fold per-window sums into per-document float64 sums.
-    done: {position in documents: row} of documents restored, not scored."""
+    done: {position in documents: DocumentResult} of documents restored, not scored."""
     from tqdm.auto import tqdm
 
     n_docs = len(documents)
     doc_windows: list[list[int]] = [[] for _ in range(n_docs)]
     for i, w in enumerate(windows):
         doc_windows[w.doc].append(i)
-    for k, row in done.items():
+    for k, doc in done.items():
         n_scored = sum(windows[i].n_scored for i in doc_windows[k])
-        if row["n_tokens"] != n_scored:
-            raise ValueError(f"checkpoint row for document {doc_ids[k]} says {row['n_tokens']} tokens, "
+        if doc.totals.n_tokens != n_scored:
+            raise ValueError(f"checkpoint row for document {doc_ids[k]} says {doc.totals.n_tokens} tokens, "
                              f"this run scores {n_scored} for it: the checkpoint does not belong to "
-                             "this corpus and plan. Pass --overwrite to start over.")
+                             "this corpus and plan; delete it to start over")
     skip = frozenset(i for k in done for i in doc_windows[k])
     pending = [len(mine) for mine in doc_windows]  # windows left per document
     window_nll = [0.0] * len(windows)
     per_token: list = [None] * len(windows)
     pos_sum = torch.zeros(config["max_length"], dtype=torch.float64)  # by input position
     pos_count = torch.zeros(config["max_length"], dtype=torch.int64)
-    rows: list[dict | None] = [done.get(k) for k in range(n_docs)]
+    results: list[DocumentResult | None] = [done.get(k) for k in range(n_docs)]
     notes = list(model.notes)
     if done:
         notes.append(f"{len(done)} documents restored from a checkpoint: their sums are in the totals, "
@@ -347,18 +482,15 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
         for i in mine:  # plan order: a fixed summation order whatever the batch size
             nll += window_nll[i]
         d = documents[doc]
-        rows[doc] = dict(index=doc_ids[doc], name=getattr(d, "name", ""), nll_nats=nll,
-                         n_tokens=sum(windows[i].n_scored for i in mine),
-                         n_bytes=d.n_bytes, n_words=d.n_words, n_chars=d.n_chars,
-                         text_sha256=text_sha256(d.text))
-        if on_document is not None:
-            on_document(rows[doc])
+        totals = LossTotals(nll, sum(windows[i].n_scored for i in mine), d.n_bytes, d.n_words, d.n_chars)
+        results[doc] = DocumentResult(doc_ids[doc], getattr(d, "name", ""), totals, ckpt_io.text_sha256(d.text))
+        on_document(results[doc])
 
     for doc in range(n_docs):
         if pending[doc] == 0 and doc not in done:  # an empty document: nothing to score, still a row
             finish(doc)
-    for idx, nlls in score_windows(model, tokens, windows, batch_size=batch_size,
-                                   head_impl=head_impl, notes=notes, skip=skip):
+    for idx, nlls in score_windows(model, tokens, windows, batch_size=batch_size, head_impl=head_impl,
+                                   skip=skip):
         for i, nll in zip(idx, nlls):
             if i in skip:
                 continue
@@ -379,10 +511,10 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
         bar.update(sum(windows[i].n_scored for i in idx if i not in skip))
     bar.close()
     elapsed = time.perf_counter() - start
-    totals = LossTotals.from_rows(rows)
+    totals = sum((d.totals for d in results), LossTotals())
     token_nll = None
     if keep_token_nll:
-        token_nll = [torch.cat([per_token[i] for i in doc_windows[d]]) if doc_windows[d] and d not in done
-                     else torch.zeros(0) for d in range(n_docs)]
-    return EvalResult(totals, rows, config, list(windows), window_nll, pos_sum.tolist(), pos_count.tolist(),
+        token_nll = {doc_ids[d]: torch.cat([per_token[i] for i in doc_windows[d]]) if doc_windows[d]
+                     else torch.zeros(0) for d in range(n_docs) if d not in done}
+    return EvalResult(totals, results, config, list(windows), window_nll, pos_sum.tolist(), pos_count.tolist(),
                       token_nll, elapsed, notes, resumed_documents=len(done))

@@ -101,7 +101,7 @@ def run_lmloss(args) -> dict:
                           batch_size=args.batch_size, progress=False)
     return dict(elapsed_s=res.elapsed_s, peak_rss_mib=_peak_rss_mib(), n_tokens=res.totals.n_tokens,
                 n_inputs=sum(w.n_inputs for w in res.windows),
-                loglikelihoods=[-r["nll_nats"] for r in res.documents], metrics=res.metrics(),
+                loglikelihoods=[-d.totals.nll_nats for d in res.per_document], metrics=res.metrics(),
                 notes=res.notes, flops_per_token=_flops_per_token(model.module, args.max_length))
 
 

@@ -147,10 +147,10 @@ def worker_check(args):
     for name, m in (("fused", model), ("logits", dataclasses.replace(model, head=None, notes=[]))):
         runs[name] = lmloss.evaluate(m, tokenizer, docs, **common)
     rows = []
-    for f, g in zip(runs["fused"].documents, runs["logits"].documents):
-        rel = abs(f["nll_nats"] - g["nll_nats"]) / abs(g["nll_nats"])
-        rows.append(dict(name=f["name"], n_tokens=f["n_tokens"], nll_fused=f["nll_nats"],
-                         nll_logits=g["nll_nats"], rel_diff=rel))
+    for f, g in zip(runs["fused"].per_document, runs["logits"].per_document):
+        rel = abs(f.totals.nll_nats - g.totals.nll_nats) / abs(g.totals.nll_nats)
+        rows.append(dict(name=f.name, n_tokens=f.totals.n_tokens, nll_fused=f.totals.nll_nats,
+                         nll_logits=g.totals.nll_nats, rel_diff=rel))
     return {"path": "check", "documents": rows, "time_s": {k: r.elapsed_s for k, r in runs.items()},
             "bits_per_byte": runs["fused"].totals.bits_per_byte, "head_softcap": model.head.softcap,
             "vocab_size": model.vocab_size, "bos_id": tokenizer.bos_id, "add_bos": tokenizer.add_bos}

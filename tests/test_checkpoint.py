@@ -37,7 +37,8 @@ def test_checkpoint_files_of_an_output_with_glob_characters(tmp_path):
     for rank in (0, 3):
         Checkpoint(checkpoint_path(out, rank), FP).close()
     Checkpoint(checkpoint_path(tmp_path / "run1.json"), FP).close()  # '[1]' must not match '1'
-    assert checkpoint_files(out) == [checkpoint_path(out), checkpoint_path(out, 3)]
+    assert checkpoint_files(checkpoint_path(out)) == [checkpoint_path(out), checkpoint_path(out, 3)]
+    assert checkpoint_files(tmp_path / "none.jsonl") == []
 
 
 def test_rows_read_back_bit_exact(tmp_path):

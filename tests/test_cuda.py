@@ -105,8 +105,8 @@ def test_evaluate_cuda_equals_cpu(tiny_model, assets):
     cpu = runs["cpu", "fused"]
     for key, res in runs.items():
         assert res.totals.n_tokens == cpu.totals.n_tokens and res.totals.n_bytes == cpu.totals.n_bytes
-        for a, b in zip(res.documents, cpu.documents):
-            assert a["nll_nats"] == pytest.approx(b["nll_nats"], rel=1e-5), key
+        for a, b in zip(res.per_document, cpu.per_document):
+            assert a.totals.nll_nats == pytest.approx(b.totals.nll_nats, rel=1e-5), key
 
 
 def _eval_args(model, assets, out):

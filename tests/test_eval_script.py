@@ -1,5 +1,4 @@
-"""scripts/eval.py: presets as defaults, the results file, the table, and errors without tracebacks."""
-import importlib.util
+"""lmloss eval (scripts/eval.py): presets as defaults, the results file, the table, and errors without tracebacks."""
 import json
 import math
 from pathlib import Path
@@ -7,10 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmloss import cli_eval as eval_script
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("lmloss_eval_script", ROOT / "scripts" / "eval.py")
-eval_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(eval_script)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,10 +101,12 @@ def test_user_errors_print_a_message_not_a_traceback(base_args, extra, match, ca
 def test_default_batch_size_follows_the_device_and_head():
     from types import SimpleNamespace as NS
 
+    from lmloss.evaluate import default_batch_size
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert eval_script.default_batch_size(NS(device=cpu, head=object())) == 2
-    assert eval_script.default_batch_size(NS(device=cuda, head=object())) == 32
-    assert eval_script.default_batch_size(NS(device=cuda, head=None)) == 8  # full logits per batch
+    assert default_batch_size(NS(device=cpu, head=object())) == 2
+    assert default_batch_size(NS(device=cuda, head=object())) == 32
+    assert default_batch_size(NS(device=cuda, head=None)) == 8  # full logits per batch
 
 
 # --- never a wrong number with exit 0, and errors before work -------------------------------------
@@ -195,11 +195,10 @@ def test_results_file_mode_follows_the_umask_and_glob_characters_in_its_name_res
     out.unlink()
     real_evaluate = lmloss.evaluate
 
-    def killed_after_one_document(*a, on_document, **k):
-        def once(row):
-            on_document(row)
+    def killed_after_one_document(*a, **k):
+        def stop(doc):  # called once the document is in the checkpoint
             raise KeyboardInterrupt
-        return real_evaluate(*a, on_document=once, **k)
+        return real_evaluate(*a, **k, on_document=stop)
 
     with monkeypatch.context() as m:
         m.setattr(lmloss, "evaluate", killed_after_one_document)

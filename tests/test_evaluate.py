@@ -8,7 +8,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmloss.data import Document
-from lmloss.evaluate import bootstrap_ci, evaluate
+from lmloss.evaluate import DocumentResult, bootstrap_ci, evaluate
+from lmloss.metrics import LossTotals
 from lmloss.models import load_model
 
 VOCAB, BOS, EOS = 259, 256, 257
@@ -64,10 +65,10 @@ def test_lm_eval_plan_equals_a_float64_reference(model, docs):
     tok = ByteTokenizer()
     res = evaluate(model, tok, docs, plan="lm-eval", max_length=16, batch_size=5, progress=False)
     want = _reference_lm_eval(model.module, [tok.encode(d.text) for d in docs], 16, BOS)
-    got = [r["nll_nats"] for r in res.documents]
+    got = [r.totals.nll_nats for r in res.per_document]
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
-    assert [r["n_tokens"] for r in res.documents] == [len(tok.encode(d.text)) for d in docs]
-    assert [r["n_bytes"] for r in res.documents] == [len(d.text.encode()) for d in docs]
+    assert [r.totals.n_tokens for r in res.per_document] == [len(tok.encode(d.text)) for d in docs]
+    assert [r.totals.n_bytes for r in res.per_document] == [len(d.text.encode()) for d in docs]
     assert res.totals.nll_nats == pytest.approx(sum(want), rel=1e-6)
     assert res.totals.n_words == sum(d.n_words for d in docs)
 
@@ -80,14 +81,8 @@ def test_batch_size_does_not_change_the_numbers(model, docs, plan, kw):
     for r in runs[1:]:
         assert r.totals.nll_nats == pytest.approx(runs[0].totals.nll_nats, rel=1e-6)
         assert r.totals.n_tokens == runs[0].totals.n_tokens
-        for a, b in zip(r.documents, runs[0].documents):
-            assert a["nll_nats"] == pytest.approx(b["nll_nats"], rel=1e-6, abs=1e-9)
-
-
-def test_deterministic(model, docs):
-    a = evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=4, progress=False)
-    b = evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=4, progress=False)
-    assert a.totals == b.totals and a.documents == b.documents
+        for a, b in zip(r.per_document, runs[0].per_document):
+            assert a.totals.nll_nats == pytest.approx(b.totals.nll_nats, rel=1e-6, abs=1e-9)
 
 
 def test_hf_sliding_window_losses_equal_the_models_labels_loss(model):
@@ -119,9 +114,10 @@ def test_hf_sliding_window_losses_equal_the_models_labels_loss(model):
     assert res.totals.n_tokens == len(ids) - 1
 
 
-def test_logits_path_and_head_paths_agree(model, docs):
+def test_fused_head_agrees_with_the_models_own_logits(model, docs):
+    """The fused linear cross-entropy on hidden states against token_nll on model(ids).logits."""
     tok = ByteTokenizer()
-    base = evaluate(model, tok, docs, max_length=16, batch_size=4, head_impl="logits", progress=False)
+    base = evaluate(model, tok, docs, max_length=16, batch_size=4, head_impl="fused", progress=False)
     no_head = load_model(model.module, device="cpu")
     no_head.head = None
     via_logits = evaluate(no_head, tok, docs, max_length=16, batch_size=4, progress=False)
@@ -132,24 +128,30 @@ def test_callbacks_token_dump_and_positions(model, docs):
     seen = []
     res = evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=4, keep_token_nll=True,
                    progress=False, on_document=seen.append)
-    assert sorted(r["index"] for r in seen) == list(range(len(docs)))
-    assert sorted(seen, key=lambda r: r["index"]) == res.documents
-    for row, nll in zip(res.documents, res.token_nll):
-        assert nll.dtype == torch.float32 and nll.numel() == row["n_tokens"]
-        assert nll.double().sum().item() == pytest.approx(row["nll_nats"], rel=1e-6, abs=1e-9)
+    assert sorted(r.index for r in seen) == list(range(len(docs)))
+    assert sorted(seen, key=lambda r: r.index) == res.per_document
+    assert sorted(res.token_nll) == list(range(len(docs)))
+    for row in res.per_document:
+        nll = res.token_nll[row.index]
+        assert nll.dtype == torch.float32 and nll.numel() == row.totals.n_tokens
+        assert nll.double().sum().item() == pytest.approx(row.totals.nll_nats, rel=1e-6, abs=1e-9)
     assert sum(res.position_count) == res.totals.n_tokens
     assert sum(res.position_nll_nats) == pytest.approx(res.totals.nll_nats, rel=1e-9)
 
 
+def _doc(i, nll, k):
+    return DocumentResult(i, "", LossTotals(nll, k, 4 * k, k, 0), "0")
+
+
 def test_bootstrap_ci():
-    rows = [dict(nll_nats=2.0 * k, n_tokens=k, n_bytes=4 * k, n_words=k) for k in (1, 5, 9)]
+    rows = [_doc(i, 2.0 * k, k) for i, k in enumerate((1, 5, 9))]
     ci = bootstrap_ci(rows, n_resamples=200)
     # every document has the same ratios, so every resample gives the same value
     assert ci["token_perplexity"] == pytest.approx((math.e**2, math.e**2))
     assert ci["bits_per_byte"] == pytest.approx((0.5 / math.log(2),) * 2)
-    rows[0]["nll_nats"] = 10.0
+    rows[0] = _doc(0, 10.0, 1)
     lo, hi = bootstrap_ci(rows, n_resamples=500)["bits_per_byte"]
-    point = sum(r["nll_nats"] for r in rows) / (math.log(2) * sum(r["n_bytes"] for r in rows))
+    point = sum(r.totals.nll_nats for r in rows) / (math.log(2) * sum(r.totals.n_bytes for r in rows))
     assert lo < point < hi
     assert bootstrap_ci(rows[:1]) == {}
 
@@ -190,8 +192,8 @@ def test_smollm2_first_wikitext_page_equals_lm_evaluation_harness(smollm2, asset
     docs = lmloss.load_corpus("wikitext", form="pages", detokenize=True,
                               data_dir=str(assets / "corpora"), limit=1)
     res = evaluate(model, tok, docs, plan="lm-eval", max_length=1024, batch_size=2, progress=False)
-    assert -res.documents[0]["nll_nats"] == pytest.approx(LM_EVAL_FIRST_PAGE_LOGLIKELIHOOD, rel=1e-4)
-    assert res.documents[0]["n_bytes"] == len(docs[0].original.encode("utf-8"))
+    assert -res.per_document[0].totals.nll_nats == pytest.approx(LM_EVAL_FIRST_PAGE_LOGLIKELIHOOD, rel=1e-4)
+    assert res.per_document[0].totals.n_bytes == len(docs[0].original.encode("utf-8"))
 
 
 def test_batch_order_groups_documents_then_sorts_by_length():
@@ -206,31 +208,54 @@ def test_batch_order_groups_documents_then_sorts_by_length():
 
 
 @pytest.mark.parametrize("batch_size", [3, 4])
-def test_resumed_documents_are_bit_identical_to_an_uninterrupted_run(model, docs, batch_size):
+def test_resumed_documents_are_bit_identical_to_an_uninterrupted_run(model, docs, batch_size, tmp_path):
     """A resumed run forms the batches of the whole run, so re-scored documents keep their batch
-    neighbours: every row equals the uninterrupted run's bit for bit, wherever the run stopped."""
-    finished = []
+    neighbours: every document equals the uninterrupted run's bit for bit, wherever the run stopped
+    (a kill leaves a prefix of the checkpoint, a torn last line included)."""
+    ckpt = tmp_path / "run.jsonl"
     full = evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=batch_size, progress=False,
-                    on_document=finished.append)
-    for k in range(1, len(finished)):  # killed after k documents were written
-        done = {r["index"]: r for r in finished[:k]}
-        again = []
+                    checkpoint=ckpt)
+    written = ckpt.read_bytes()
+    lines = written.splitlines(keepends=True)
+    assert len(lines) == 1 + len(docs)
+    again = evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=batch_size, progress=False,
+                     checkpoint=ckpt)  # everything restored, nothing scored
+    assert again.resumed_documents == len(docs) and again.per_document == full.per_document
+    for k in range(1, len(docs)):  # killed after k documents, the next one torn mid-line
+        ckpt.write_bytes(b"".join(lines[:1 + k]) + lines[1 + k][:20])
+        scored = []
         res = evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=batch_size, progress=False,
-                       done_rows=done, on_document=again.append)
-        assert res.documents == full.documents and res.totals == full.totals
-        assert sorted(r["index"] for r in again) == sorted(set(range(len(docs))) - set(done))
-        assert res.resumed_documents == k
+                       checkpoint=ckpt, on_document=scored.append)
+        assert res.per_document == full.per_document and res.totals == full.totals
+        assert res.resumed_documents == k and len(scored) == len(docs) - k
+        assert sorted(ckpt.read_bytes().splitlines()) == sorted(written.splitlines())
 
 
-def test_restored_rows_are_checked_against_their_documents(model, docs):
-    full = evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=2, progress=False)
-    row = full.documents[3]
-    with pytest.raises(ValueError, match="says 99 tokens, this run scores"):
-        evaluate(model, ByteTokenizer(), docs, max_length=16, progress=False, done_rows={3: {**row, "n_tokens": 99}})
-    with pytest.raises(ValueError, match="document 3 does not match"):
-        evaluate(model, ByteTokenizer(), docs, max_length=16, progress=False, done_rows={3: {**row, "n_bytes": 1}})
-    with pytest.raises(ValueError, match="out of range"):
-        evaluate(model, ByteTokenizer(), docs, max_length=16, progress=False, done_rows={50: {**row, "index": 50}})
+def test_a_checkpoint_of_other_settings_or_another_corpus_is_refused(model, docs, tmp_path):
+    ckpt = tmp_path / "run.jsonl"
+    evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=2, progress=False, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="max_length: checkpoint has 16, this run has 8"):
+        evaluate(model, ByteTokenizer(), docs, max_length=8, progress=False, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="corpus_sha256: checkpoint has"):
+        evaluate(model, ByteTokenizer(), docs[:-1] + [Document("changed")], max_length=16, progress=False,
+                 checkpoint=ckpt)
+
+
+def test_a_row_whose_token_count_is_not_its_documents_is_refused(model, docs, tmp_path):
+    """A well-formed row (valid checksum, right text hash and counts) that claims another token count."""
+    import json
+
+    from lmloss.checkpoint import Checkpoint
+
+    ckpt = tmp_path / "run.jsonl"
+    evaluate(model, ByteTokenizer(), docs, max_length=16, batch_size=2, progress=False, checkpoint=ckpt)
+    header, *rows = [json.loads(line) for line in ckpt.read_text().splitlines()]
+    with Checkpoint(ckpt, header["fingerprint"]) as ck:
+        for row in rows:
+            del row["checksum"]
+            ck.append({**row, "n_tokens": 99} if row["index"] == 3 else row)
+    with pytest.raises(ValueError, match="document 3 says 99 tokens, this run scores"):
+        evaluate(model, ByteTokenizer(), docs, max_length=16, progress=False, checkpoint=ckpt)
 
 
 class _Tok(ByteTokenizer):

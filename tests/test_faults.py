@@ -1,9 +1,8 @@
 """Fault campaign: random kills and random damage to an evaluation's checkpoint, each resumed with
-scripts/eval.py --resume. Every case must end in one of two ways: totals and per-document rows
+lmloss eval --resume. Every case must end in one of two ways: totals and per-document rows
 bit-identical to an uninterrupted run (recovered), or exit 2 with a message, no results file and the
 checkpoint left as it was (refused). Never exit 0 with other numbers."""
 import collections
-import importlib.util
 import json
 import random
 import shutil
@@ -13,12 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lmloss import cli_eval as eval_script
 from lmloss.checkpoint import Checkpoint, checkpoint_path
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("lmloss_eval_script_faults", ROOT / "scripts" / "eval.py")
-eval_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(eval_script)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OUTCOMES = collections.Counter()  # (kind, outcome) -> cases
@@ -27,8 +22,6 @@ OUTCOMES = collections.Counter()  # (kind, outcome) -> cases
 @pytest.fixture(scope="module")
 def campaign(tiny_model, assets, tmp_path_factory, one_thread):
     """A 10-document corpus, an uninterrupted run's results, and the full checkpoint it wrote."""
-    import lmloss.checkpoint
-
     root = tmp_path_factory.mktemp("faults")
     lines = (assets / "corpora" / "lambada" / "lambada_test.jsonl").read_text().splitlines()[:9]
     corpus = root / "corpus.jsonl"
@@ -38,7 +31,7 @@ def campaign(tiny_model, assets, tmp_path_factory, one_thread):
             "--dataset", str(corpus), "--max-length", "32", "--batch-size", "3", "--no-progress",
             "--bootstrap", "0", "--output", str(out)]
     mp = pytest.MonkeyPatch()
-    mp.setattr(lmloss.checkpoint, "checkpoint_files", lambda output: [])  # keep the checkpoint
+    mp.setattr(eval_script, "checkpoint_files", lambda base: [])  # the command keeps the checkpoint
     try:
         assert eval_script.main(argv) == 0
     finally:

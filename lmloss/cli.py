@@ -1,0 +1,33 @@
+"""The `lmloss` command (and `python -m lmloss`): one entry point, a subcommand per tool.
+
+    lmloss eval --model gpt2 --dataset wikitext
+    lmloss compare-tokenizers --tokenizers gpt2,cl100k_base --dataset wikitext
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["main"]
+
+COMMANDS = {  # name -> (module, what it does)
+    "eval": ("lmloss.cli_eval", "evaluate a model on a corpus: perplexities and bits per byte"),
+    "compare-tokenizers": ("lmloss.cli_compare", "compare tokenizers (and models) on corpora"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `lmloss COMMAND ARGS...` to COMMAND's main(ARGS); its exit code is returned."""
+    import importlib
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        listing = "\n".join(f"  {name:20s} {what}" for name, (_, what) in COMMANDS.items())
+        stream = sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"lmloss: unknown command {argv[0]!r}", file=stream)
+        print(f"usage: lmloss COMMAND [options]   (lmloss COMMAND --help for its options)\n\ncommands:\n{listing}",
+              file=stream)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)

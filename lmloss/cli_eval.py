@@ -1,0 +1,356 @@
+"""`lmloss eval` (also `python scripts/eval.py`, `python -m lmloss eval`): evaluate a causal
+language model on a corpus: token, byte and word perplexity, bits per byte.
+
+    lmloss eval --model gpt2 --dataset wikitext                 # lm-eval's wikitext task
+    lmloss eval --model gpt2 --preset hf-sliding                # the HF perplexity guide
+    # offline, with the shared assets
+    LMLOSS_DATA_DIR=../shared/assets/corpora lmloss eval \
+        --model ../shared/assets/models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --preset lm-eval --max-length 1024 --output results.json --plot results.png
+
+Presets are flat TOML files in configs/ (`--preset lm-eval` reads configs/lm-eval.toml, a path to a
+.toml file works too); their keys are the long options below with "_" for "-", applied as defaults
+so that the command line wins. Parse, check every input, load, call lmloss.evaluate, print, write:
+the evaluation itself (resume, torchrun sharding, batching) is the library's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import lmloss
+from lmloss.checkpoint import checkpoint_files, checkpoint_path
+from lmloss.distributed import init_from_env
+from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, fingerprint, resolve_window, restore
+from lmloss.models import peek_config, resolve_device
+from lmloss.outputs import check_output_path, write_atomic
+
+__all__ = ["build_parser", "parse_args", "run", "main"]
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/ folder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmloss eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", default=os.environ.get("LMLOSS_MODEL") or "gpt2",
+      help="hub name, local folder or .gguf file (default: $LMLOSS_MODEL, else gpt2)")
+    a("--dataset", default="wikitext", help="corpus name (wikitext, lambada) or a .txt/.jsonl/.parquet path")
+    a("--tokenizer", help="tokenizer spec (default: the model's)")
+    a("--preset", help=f"configs/<name>.toml: {', '.join(sorted(f.stem for f in CONFIGS.glob('*.toml')))}")
+    a("--plan", choices=("lm-eval", "sliding"), default="lm-eval", help="window plan (lmloss.windows)")
+    a("--form", help="corpus form: pages, rows or stream (default: the corpus's own)")
+    a("--detokenize", action=argparse.BooleanOptionalAction, default=False,
+      help="apply lm-evaluation-harness's WikiText detokenizer; counts stay on the original text")
+    a("--data-dir", default=os.environ.get("LMLOSS_DATA_DIR"),
+      help="offline corpora folder (default: $LMLOSS_DATA_DIR)")
+    a("--max-length", type=int, help="model inputs per window (default: the model's context length)")
+    a("--stride", type=int, help="sliding plan: how far windows move (default max_length // 2)")
+    a("--bos-every-window", action=argparse.BooleanOptionalAction, default=False,
+      help="put BOS (else EOS) at the start of every window")
+    a("--batch-size", type=int, help="windows per forward pass (default: 2 on the CPU, where small "
+      "batches stay in cache and ran 5-10%% faster than 4 or 8; 32 on a GPU, 8 if the model's head "
+      "is not separable)")
+    a("--head-impl", choices=("fused", "logits"), default="fused",
+      help="output head + loss: fused linear cross-entropy, or logits of the scored rows + token_nll")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    a("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    a("--limit", type=int, help="score only the first N documents")
+    a("--output", help="write results as JSON here (atomically)")
+    a("--plot", help="PNG: mean NLL by position in the window, and bits per byte per document")
+    a("--token-nll", help="write every scored token's NLL (nats) per document to this .npz file")
+    a("--bootstrap", type=int, default=1000, help="bootstrap resamples over documents (0: none)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    a("--resume", action="store_true",
+      help="continue an interrupted run from the checkpoint next to --output (same settings)")
+    a("--overwrite", action="store_true",
+      help="discard the checkpoint of an earlier run next to --output and start over")
+    a("--text-field", help="the text field of a .jsonl/.parquet corpus (default: text, else page)")
+    a("--debug", action="store_true", help="show the traceback of an error")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """argparse, with the preset's keys as defaults (the command line wins)."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.preset:
+        path = Path(known.preset) if known.preset.endswith(".toml") else CONFIGS / f"{known.preset}.toml"
+        if not path.is_file():
+            names = ", ".join(sorted(f.stem for f in CONFIGS.glob("*.toml")))
+            parser.error(f"unknown preset {known.preset!r}: no {path}; presets: {names}")
+        preset = tomllib.loads(path.read_text())
+        dests = {a.dest for a in parser._actions}
+        unknown = sorted(set(preset) - dests)
+        if unknown:
+            parser.error(f"preset {path} has unknown keys {unknown}; keys are option names with '_'")
+        parser.set_defaults(**preset)
+    args = parser.parse_args(argv)
+    if args.stride is not None and (args.stride < 1 or (args.max_length and args.stride > args.max_length)):
+        parser.error(f"--stride must be between 1 and --max-length ({args.max_length}), got {args.stride}")
+    if args.max_length is not None and args.max_length < 1:
+        parser.error(f"--max-length must be positive, got {args.max_length}")
+    if args.stride is not None and args.plan != "sliding":
+        parser.error(f"--stride is for --plan sliding; plan {args.plan!r} moves by --max-length")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be positive, got {args.batch_size}")
+    if args.bootstrap < 0:
+        parser.error(f"--bootstrap must be 0 (no intervals) or a positive number of resamples, got {args.bootstrap}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be a positive number of documents, got {args.limit}")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the checkpoint and --overwrite discards it: pass one of them")
+    if (args.resume or args.overwrite) and not args.output:
+        parser.error(f"--{'resume' if args.resume else 'overwrite'} needs --output: the checkpoint "
+                     "lives next to the results file")
+    return args
+
+
+def check_outputs(args) -> None:
+    """Every output path, before the corpus, tokenizer or model is loaded."""
+    for option, path, suffixes in (("--output", args.output, (".json",)), ("--token-nll", args.token_nll, (".npz",)),
+                                   ("--plot", args.plot, (".png", ".pdf", ".svg"))):
+        if path:
+            check_output_path(option, path, suffixes=suffixes)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"--plot needs matplotlib: pip install matplotlib ({e})") from None
+
+
+def format_table(result, ci: dict) -> str:
+    t = result.totals
+    rows = [("token_perplexity", f"exp(nll_nats / n_tokens) = exp({t.nll_nats:.4f} / {t.n_tokens})"),
+            ("byte_perplexity", f"exp(nll_nats / n_bytes)  = exp({t.nll_nats:.4f} / {t.n_bytes})"),
+            ("word_perplexity", f"exp(nll_nats / n_words)  = exp({t.nll_nats:.4f} / {t.n_words})"),
+            ("bits_per_byte", f"nll_nats / (ln 2 * n_bytes) = {t.nll_nats:.4f} / (ln 2 * {t.n_bytes})")]
+    metrics = result.metrics()
+    lines = [f"{'metric':17s} {'value':>12s}  {'95% CI (bootstrap over documents)':34s} from the sums"]
+    for name, how in rows:
+        value = f"{metrics[name]:12.6f}" if name in metrics else f"{'n/a':>12s}"
+        lo_hi = f"[{ci[name][0]:.6f}, {ci[name][1]:.6f}]" if name in ci else "n/a"
+        lines.append(f"{name:17s} {value}  {lo_hi:34s} {how}")
+    return "\n".join(lines)
+
+
+def save_plot(path: str, result) -> None:
+    """Mean NLL by input position of the prediction, and bits per byte of each document."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    pos = [(i, s / c) for i, (s, c) in enumerate(zip(result.position_nll_nats, result.position_count)) if c]
+    ax1.plot([p for p, _ in pos], [v for _, v in pos], lw=0.8)
+    ax1.set(xlabel="input position of the prediction in the window (0: predicted from one input)",
+            ylabel="mean NLL (nats)",
+            title="loss by context length")
+    docs = [d for d in result.per_document if d.totals.n_bytes and d.totals.n_tokens]
+    ax2.bar([d.index for d in docs], [d.totals.bits_per_byte for d in docs])
+    ax2.axhline(result.totals.bits_per_byte, color="k", lw=0.8, ls="--", label="all documents")
+    ax2.set(xlabel="document", ylabel="bits per byte", title="bits per byte by document")
+    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax2.legend(loc="lower right")
+    fig.suptitle(f"{result.config['model']} - {result.config.get('dataset', '')}", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format=Path(path).suffix[1:].lower())
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+def _device(args, dist_ctx) -> str:
+    """--device, one GPU per rank under torchrun; ValueError if it is not on this machine."""
+    import torch
+
+    device = args.device
+    if dist_ctx.enabled and torch.cuda.is_available() and device in ("auto", "cuda"):
+        device = f"cuda:{dist_ctx.local_rank}"
+    resolve_device(device)
+    return device
+
+
+def _preflight(args, dist_ctx):
+    """Corpus, tokenizer, the model's configuration (not its weights) and the checkpoint, each
+    checked before the weights are loaded: (documents, tokenizer, checkpoint path or None)."""
+    docs = lmloss.load_corpus(args.dataset, form=args.form, data_dir=args.data_dir,
+                              detokenize=args.detokenize, limit=args.limit, field=args.text_field)
+    tokenizer = lmloss.load_tokenizer(args.tokenizer or args.model)
+    info = peek_config(args.model)
+    if args.max_length and info.context_length and args.max_length > info.context_length:
+        raise ValueError(f"--max-length {args.max_length} is above the context length of {args.model} "
+                         f"({info.context_length}); pass --max-length {info.context_length} or less")
+    max_length, prefix_id = resolve_window(info.context_length, tokenizer, plan=args.plan,
+                                           max_length=args.max_length, prefix_id=None,
+                                           every_window=args.bos_every_window)
+    if args.stride is not None and args.stride > max_length:
+        raise ValueError(f"--stride {args.stride} is above --max-length {max_length}; pass a smaller --stride")
+    check_tokenizer_fits(tokenizer, info.vocab_size, args.model)
+    if not args.output:
+        return docs, tokenizer, None
+    base = checkpoint_path(args.output)
+    fp = fingerprint(args.model, tokenizer, docs, plan=args.plan, max_length=max_length, stride=args.stride,
+                     prefix_id=prefix_id, every_window=args.bos_every_window, dtype=args.dtype,
+                     head_impl=args.head_impl)
+    _checkpoint_policy(args, base, fp, docs, dist_ctx)
+    return docs, tokenizer, base
+
+
+def _checkpoint_policy(args, base: Path, fp: dict, docs, dist_ctx) -> None:
+    """--resume: the checkpoint must verify now, not after the model is loaded. Without it, finished
+    rows are never discarded unless --overwrite says so."""
+    from lmloss.checkpoint import count_rows
+
+    files = checkpoint_files(base)
+    if args.resume:
+        restore(base, fp, docs)
+    elif sum(count_rows(f) for f in files) and not args.overwrite:
+        raise ValueError(f"{files[0]} holds {sum(count_rows(f) for f in files)} finished documents of an "
+                         f"earlier run with --output {args.output}: pass --resume to continue that run, or "
+                         "--overwrite to discard them and start over")
+    if not args.resume and dist_ctx.is_main:
+        for path in files:  # every rank's, whatever the world size was
+            path.unlink()
+    if dist_ctx.world_size > 1:  # no rank reads the checkpoint before rank 0 has cleared it
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _evaluate(args, model, tokenizer, docs, checkpoint):
+    try:
+        return lmloss.evaluate(model, tokenizer, docs, plan=args.plan, max_length=args.max_length,
+                               stride=args.stride, every_window=args.bos_every_window,
+                               batch_size=args.batch_size, head_impl=args.head_impl,
+                               keep_token_nll=bool(args.token_nll), progress=not args.no_progress,
+                               checkpoint=checkpoint)
+    except KeyboardInterrupt:
+        if checkpoint:
+            raise KeyboardInterrupt(f"finished documents are saved in {checkpoint}; run the same command "
+                                    "with --resume to continue") from None
+        raise
+
+
+def results_json(args, result, ci: dict) -> dict:
+    """The --output document: configuration, versions, the sums, the metrics, intervals, rows."""
+    import torch
+    import transformers
+
+    return dict(config=dict(vars(args), resolved=result.config),
+                versions=dict(lmloss=lmloss.__version__, torch=torch.__version__,
+                              transformers=transformers.__version__, python=platform.python_version()),
+                totals=result.totals.to_dict(), metrics=result.metrics(),
+                confidence_intervals={k: list(v) for k, v in ci.items()},
+                elapsed_s=result.elapsed_s, tokens_per_s=result.tokens_per_s, notes=result.notes,
+                documents=[d.to_dict() for d in result.per_document])
+
+
+def report(args, result, ci: dict) -> None:
+    """The summary line, the notes and the table of metrics with the sums behind them."""
+    print(f"\n{result.config['model']} on {args.dataset} ({len(result.per_document)} documents, plan "
+          f"{args.plan}, max_length {result.config['max_length']}): {result.totals.n_tokens} tokens scored, "
+          f"{result.resumed_documents} documents restored from the checkpoint, {result.elapsed_s:.1f} s")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(format_table(result, ci))
+
+
+def run(args) -> dict:
+    """The whole command; returns the results JSON document (empty on ranks other than 0)."""
+    check_outputs(args)
+    dist_ctx = init_from_env(args.device)
+    device = _device(args, dist_ctx)
+    docs, tokenizer, checkpoint = _preflight(args, dist_ctx)
+    model = lmloss.load_model(args.model, device=device, dtype=args.dtype)
+    result = _evaluate(args, model, tokenizer, docs, checkpoint)
+    result.config.update(dataset=args.dataset, form=args.form, detokenize=args.detokenize, limit=args.limit,
+                         resumed_documents=result.resumed_documents)
+    out, written = {}, []
+    try:
+        if dist_ctx.is_main:
+            ci = bootstrap_ci(result.per_document, n_resamples=args.bootstrap) if args.bootstrap else {}
+            out = results_json(args, result, ci)
+            report(args, result, ci)
+            _write_outputs(args, out, result, written)
+    finally:
+        _finish(dist_ctx, checkpoint if args.output in written else None)
+    return out
+
+
+def _write_outputs(args, out: dict, result, written: list[str]) -> None:
+    """Results JSON, then the per-token NLL and the plot (each atomically), each path appended to
+    `written` once complete; an error after the first is written says what was."""
+    try:
+        if args.output:
+            write_atomic(args.output, (json.dumps(out, indent=1) + "\n").encode("utf-8"))
+            written.append(args.output)
+            print(f"results: {args.output}")
+        if args.token_nll:
+            import numpy as np
+
+            if result.resumed_documents or result.config["world_size"] > 1:
+                print("note: --token-nll holds only the documents this process scored in this run")
+            buf = io.BytesIO()
+            np.savez(buf, **{f"doc_{i}": t.numpy() for i, t in result.token_nll.items()})
+            write_atomic(args.token_nll, buf.getvalue())
+            written.append(args.token_nll)
+            print(f"per-token NLL: {args.token_nll}")
+        if args.plot:
+            save_plot(args.plot, result)
+            print(f"plot: {args.plot}")
+    except Exception as err:
+        if not written:
+            raise
+        raise ValueError(f"{type(err).__name__}: {err} (already written, complete: {', '.join(written)})") from err
+
+
+def _finish(dist_ctx, checkpoint: Path | None) -> None:
+    """After rank 0 has written the results: rank 0 deletes every rank's checkpoint file (a resumed
+    run may have used other ranks), and every rank leaves the group it joined."""
+    if dist_ctx.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if dist_ctx.is_main and checkpoint:
+        for path in checkpoint_files(checkpoint):
+            path.unlink(missing_ok=True)
+    if dist_ctx.initialized_here:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError, ImportError) as err:  # a user's input: a message, not a traceback
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        return 130
+    except Exception as err:  # not the input's fault: still one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(err).__name__}: {err}\n(no results were written; rerun with "
+              "--debug for the traceback and report it)", file=sys.stderr)
+        return 1
+    return 0
