@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["Checkpoint", "checkpoint_path", "rank_path", "checkpoint_files", "read_checkpoint", "count_rows",
+__all__ = ["Checkpoint", "fingerprint", "restore", "checkpoint_path", "rank_path", "checkpoint_files", "read_checkpoint", "count_rows",
            "check_rows", "text_sha256", "corpus_sha256"]
 
 _KIND = "lmloss-checkpoint-v2"
@@ -177,6 +177,35 @@ def check_rows(rows: Mapping[int, dict], documents: Sequence) -> None:
             raise ValueError(f"checkpoint row for document {i} does not match that document of the "
                              f"corpus ({'; '.join(bad)}): the corpus changed since the checkpoint was "
                              "written. Delete it to start over (scripts/eval.py: --overwrite).")
+
+
+def fingerprint(model_name: str, tokenizer, documents: Sequence, *, plan: str, max_length: int,
+                stride: int | None, prefix_id: int | None, every_window: bool, dtype: str,
+                head_impl: str) -> dict:
+    """What must match for a checkpoint's rows to belong to a run: the corpus by content (its
+    documents' text hashes) and every setting that changes a number. Batch size, device and the
+    number of processes change only float rounding and may differ on resume."""
+    from lmloss import __version__
+
+    return dict(model=model_name, tokenizer=getattr(tokenizer, "name", None), n_documents=len(documents),
+                corpus_sha256=corpus_sha256(documents), plan=plan, max_length=max_length,
+                stride=stride, prefix_id=prefix_id, every_window=every_window, dtype=dtype,
+                head_impl=head_impl, lmloss=__version__)
+
+
+def restore(checkpoint: str | os.PathLike, fp: dict, documents: Sequence) -> dict[int, dict]:
+    """The documents every rank's file of `checkpoint` holds for this run, each line verified and
+    each row checked against its document; {} when there is no file. ValueError otherwise."""
+    done: dict[int, dict] = {}
+    for path in checkpoint_files(checkpoint):
+        rows = read_checkpoint(path, fp)
+        twice = sorted(set(rows) & set(done))
+        if twice:
+            raise ValueError(f"documents {twice[:5]} are recorded in two files of checkpoint {checkpoint} "
+                             f"(one is {path}); delete them to start over")
+        done.update(rows)
+    check_rows(done, documents)
+    return done
 
 
 class Checkpoint:

@@ -30,9 +30,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 import lmloss
-from lmloss.checkpoint import checkpoint_files, checkpoint_path
+from lmloss.checkpoint import checkpoint_files, checkpoint_path, fingerprint, restore
 from lmloss.distributed import init_from_env
-from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, fingerprint, resolve_window, restore
+from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, resolve_window
 from lmloss.models import peek_config, resolve_device
 from lmloss.outputs import check_output_path, write_atomic
 

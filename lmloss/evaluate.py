@@ -41,7 +41,7 @@ from lmloss.ops.linear import linear_token_nll
 from lmloss.windows import Window, plan_windows
 
 __all__ = ["DocumentResult", "EvalResult", "evaluate", "score_windows", "bootstrap_ci",
-           "check_tokenizer_fits", "default_batch_size", "fingerprint"]
+           "check_tokenizer_fits", "default_batch_size", "resolve_window"]
 
 _HEAD_ROWS = 2048  # rows of logits built at once on the logits path: 2048 x V floats
 _GROUP_BATCHES = 16  # batches per group of documents sorted together (_batch_order)
@@ -281,20 +281,6 @@ def _tokenize(tokenizer, documents, doc_ids, vocab_size: int) -> list:
     return tokens
 
 
-def fingerprint(model_name: str, tokenizer, documents: Sequence, *, plan: str, max_length: int,
-                stride: int | None, prefix_id: int | None, every_window: bool, dtype: str,
-                head_impl: str) -> dict:
-    """What must match for a checkpoint's rows to belong to a run: the corpus by content (its
-    documents' text hashes) and every setting that changes a number. Batch size, device and the
-    number of processes change only float rounding and may differ on resume."""
-    from lmloss import __version__
-
-    return dict(model=model_name, tokenizer=getattr(tokenizer, "name", None), n_documents=len(documents),
-                corpus_sha256=ckpt_io.corpus_sha256(documents), plan=plan, max_length=max_length,
-                stride=stride, prefix_id=prefix_id, every_window=every_window, dtype=dtype,
-                head_impl=head_impl, lmloss=__version__)
-
-
 def resolve_window(context_length: int | None, tokenizer, *, plan: str, max_length: int | None,
                    prefix_id: int | None, every_window: bool) -> tuple[int, int | None]:
     """(max_length, prefix_id) as a run uses them: the model's context length unless given (never
@@ -308,21 +294,6 @@ def resolve_window(context_length: int | None, tokenizer, *, plan: str, max_leng
     if prefix_id is None and (plan == "lm-eval" or every_window):
         prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     return max_length, prefix_id
-
-
-def restore(checkpoint, fp: dict, documents: Sequence) -> dict[int, DocumentResult]:
-    """The documents every rank's file of `checkpoint` holds for this run, each line verified and
-    each row checked against its document; {} when there is no file. ValueError otherwise."""
-    done: dict[int, dict] = {}
-    for path in ckpt_io.checkpoint_files(checkpoint):
-        rows = ckpt_io.read_checkpoint(path, fp)
-        twice = sorted(set(rows) & set(done))
-        if twice:
-            raise ValueError(f"documents {twice[:5]} are recorded in two files of checkpoint {checkpoint} "
-                             f"(one is {path}); delete them to start over")
-        done.update(rows)
-    ckpt_io.check_rows(done, documents)
-    return {i: DocumentResult.from_dict(row) for i, row in done.items()}
 
 
 def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
@@ -362,9 +333,10 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
     check_tokenizer_fits(tokenizer, model.vocab_size, model.name)
     rank, world_size = _process_group(model.device)
     dtype = str(model.dtype).removeprefix("torch.")
-    fp = fingerprint(model.name, tokenizer, documents, plan=plan, max_length=max_length, stride=stride,
+    fp = ckpt_io.fingerprint(model.name, tokenizer, documents, plan=plan, max_length=max_length, stride=stride,
                      prefix_id=prefix_id, every_window=every_window, dtype=dtype, head_impl=head_impl)
-    done = restore(checkpoint, fp, documents) if checkpoint is not None else {}
+    done = ({i: DocumentResult.from_dict(row) for i, row in ckpt_io.restore(checkpoint, fp, documents).items()}
+            if checkpoint is not None else {})
     _barrier(world_size)  # every rank has read the checkpoint before any rank appends to it
     mine = shard_documents([len(d.text) for d in documents], rank, world_size)
     config = dict(model=model.name, tokenizer=getattr(tokenizer, "name", None), plan=plan,
