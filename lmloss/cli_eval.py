@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--model", default=os.environ.get("LMLOSS_MODEL") or "gpt2",
       help="hub name, local folder or .gguf file (default: $LMLOSS_MODEL, else gpt2)")
-    a("--dataset", default="wikitext", help="corpus name (wikitext, lambada) or a .txt/.jsonl/.parquet path")
+    a("--dataset", default="wikitext",
+      help="corpus name (wikitext, lambada, ptb, ...; see lmloss.corpora), hf:PATH[:CONFIG[:SPLIT[:FIELD]]], "
+           "or a .txt/.jsonl/.parquet path; a comma list evaluates each with the model loaded once")
     a("--tokenizer", help="tokenizer spec (default: the model's)")
     a("--preset", help=f"configs/<name>.toml: {', '.join(sorted(f.stem for f in CONFIGS.glob('*.toml')))}")
     a("--plan", choices=("lm-eval", "sliding"), default="lm-eval", help="window plan (lmloss.windows)")
@@ -67,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="output head + loss: fused linear cross-entropy, or logits of the scored rows + token_nll")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    a("--limit", type=int, help="score only the first N documents")
+    a("--limit", type=int, help="score only the first N documents (of each corpus)")
+    a("--max-bytes", type=int, help="score only the documents that hold the first B UTF-8 bytes (of each corpus)")
+    a("--subset", help="a part of a corpus that has parts (pile: a pile_set_name; paloma: a domain)")
     a("--output", help="write results as JSON here (atomically)")
     a("--plot", help="PNG: mean NLL by position in the window, and bits per byte per document")
     a("--token-nll", help="write every scored token's NLL (nats) per document to this .npz file")
@@ -108,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
     if args.bootstrap < 0:
         parser.error(f"--bootstrap must be 0 (no intervals) or a positive number of resamples, got {args.bootstrap}")
+    if args.max_bytes is not None and args.max_bytes < 1:
+        parser.error(f"--max-bytes must be a positive number of bytes, got {args.max_bytes}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be a positive number of documents, got {args.limit}")
     if args.resume and args.overwrite:
@@ -174,6 +180,31 @@ def save_plot(path: str, result) -> None:
     write_atomic(path, buf.getvalue())
 
 
+def save_corpora_plot(path: str, results, cis: list[dict]) -> None:
+    """Bits per byte of each corpus with its bootstrap interval, and the pooled value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.config["dataset"] for r in results]
+    bpb = [r.totals.bits_per_byte for r in results]
+    err = [[b - ci["bits_per_byte"][0] for b, ci in zip(bpb, cis)],
+           [ci["bits_per_byte"][1] - b for b, ci in zip(bpb, cis)]] if all("bits_per_byte" in c for c in cis) else None
+    fig, ax = plt.subplots(figsize=(2 + 1.2 * len(names), 4))
+    ax.bar(range(len(names)), bpb, yerr=err, capsize=4)
+    pooled = sum((r.totals for r in results), lmloss.LossTotals()).bits_per_byte
+    ax.axhline(pooled, color="k", lw=0.8, ls="--", label=f"pooled {pooled:.4f}")
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="bits per byte", title=f"{results[0].config['model']}: bits per byte by corpus (95% CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format=Path(path).suffix[1:].lower())
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
 def _device(args, dist_ctx) -> str:
     """--device, one GPU per rank under torchrun; ValueError if it is not on this machine."""
     import torch
@@ -185,11 +216,23 @@ def _device(args, dist_ctx) -> str:
     return device
 
 
+def corpus_specs(dataset: str) -> list[str]:
+    """--dataset as a list of corpus specs: "wikitext,ptb,hf:allenai/c4:en" -> three."""
+    specs = [spec.strip() for spec in dataset.split(",") if spec.strip()]
+    if not specs:
+        raise ValueError(f"--dataset {dataset!r} names no corpus; pass a name, an hf: spec or a file path "
+                         "(a comma list for several)")
+    return specs
+
+
+def _checkpoint_base(output: str, k: int) -> Path:
+    """Corpus k's checkpoint: results.json.partial.jsonl for the first, ...partial.c{k}.jsonl after."""
+    return checkpoint_path(output) if k == 0 else Path(f"{output}.partial.c{k}.jsonl")
+
+
 def _preflight(args, dist_ctx):
-    """Corpus, tokenizer, the model's configuration (not its weights) and the checkpoint, each
-    checked before the weights are loaded: (documents, tokenizer, checkpoint path or None)."""
-    docs = lmloss.load_corpus(args.dataset, form=args.form, data_dir=args.data_dir,
-                              detokenize=args.detokenize, limit=args.limit, field=args.text_field)
+    """Tokenizer, the model's configuration (not its weights), each corpus and its checkpoint, all
+    checked before the weights are loaded: (tokenizer, [(spec, documents, checkpoint or None)])."""
     tokenizer = lmloss.load_tokenizer(args.tokenizer or args.model)
     info = peek_config(args.model)
     if args.max_length and info.context_length and args.max_length > info.context_length:
@@ -201,14 +244,19 @@ def _preflight(args, dist_ctx):
     if args.stride is not None and args.stride > max_length:
         raise ValueError(f"--stride {args.stride} is above --max-length {max_length}; pass a smaller --stride")
     check_tokenizer_fits(tokenizer, info.vocab_size, args.model)
-    if not args.output:
-        return docs, tokenizer, None
-    base = checkpoint_path(args.output)
-    fp = fingerprint(args.model, tokenizer, docs, plan=args.plan, max_length=max_length, stride=args.stride,
-                     prefix_id=prefix_id, every_window=args.bos_every_window, dtype=args.dtype,
-                     head_impl=args.head_impl)
-    _checkpoint_policy(args, base, fp, docs, dist_ctx)
-    return docs, tokenizer, base
+    corpora = []
+    for k, spec in enumerate(corpus_specs(args.dataset)):
+        docs = lmloss.load_corpus(spec, form=args.form, data_dir=args.data_dir, detokenize=args.detokenize,
+                                  limit=args.limit, field=args.text_field, max_bytes=args.max_bytes,
+                                  subset=args.subset)
+        base = _checkpoint_base(args.output, k) if args.output else None
+        if base is not None:
+            fp = fingerprint(args.model, tokenizer, docs, plan=args.plan, max_length=max_length,
+                             stride=args.stride, prefix_id=prefix_id, every_window=args.bos_every_window,
+                             dtype=args.dtype, head_impl=args.head_impl)
+            _checkpoint_policy(args, base, fp, docs, dist_ctx)
+        corpora.append((spec, docs, base))
+    return tokenizer, corpora
 
 
 def _checkpoint_policy(args, base: Path, fp: dict, docs, dist_ctx) -> None:
@@ -262,37 +310,73 @@ def results_json(args, result, ci: dict) -> dict:
 
 def report(args, result, ci: dict) -> None:
     """The summary line, the notes and the table of metrics with the sums behind them."""
-    print(f"\n{result.config['model']} on {args.dataset} ({len(result.per_document)} documents, plan "
-          f"{args.plan}, max_length {result.config['max_length']}): {result.totals.n_tokens} tokens scored, "
-          f"{result.resumed_documents} documents restored from the checkpoint, {result.elapsed_s:.1f} s")
+    print(f"\n{result.config['model']} on {result.config['dataset']} ({len(result.per_document)} documents, "
+          f"plan {args.plan}, max_length {result.config['max_length']}): {result.totals.n_tokens} tokens "
+          f"scored, {result.resumed_documents} documents restored from the checkpoint, {result.elapsed_s:.1f} s")
     for note in result.notes:
         print(f"note: {note}")
     print(format_table(result, ci))
 
 
+def pooled_json(results) -> dict:
+    """All corpora as one: the sums added, the metrics of the sums (never a mean of per-corpus
+    perplexities)."""
+    totals = sum((r.totals for r in results), lmloss.LossTotals())
+    return dict(totals=totals.to_dict(), metrics=totals.metrics())
+
+
+def corpora_table(results, cis: list[dict]) -> str:
+    """A row per corpus and a pooled row from the summed totals, with the sums each ratio is of."""
+    head = (f"{'corpus':28s} {'documents':>9s} {'tokens':>10s} {'bytes':>11s} {'nll_nats':>14s} "
+            f"{'token_ppl':>10s} {'bits/byte':>9s}  95% CI (bits/byte)")
+    lines = [head]
+    pooled = sum((r.totals for r in results), lmloss.LossTotals())
+    rows = [(r.config["dataset"], len(r.per_document), r.totals, ci.get("bits_per_byte")) for r, ci in zip(results, cis)]
+    rows.append(("pooled (summed totals)", sum(len(r.per_document) for r in results), pooled, None))
+    for name, n_docs, t, ci in rows:
+        interval = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+        lines.append(f"{name[:28]:28s} {n_docs:9d} {t.n_tokens:10d} {t.n_bytes:11d} {t.nll_nats:14.4f} "
+                     f"{t.token_perplexity:10.4f} {t.bits_per_byte:9.6f}  {interval}")
+    lines.append("token_ppl = exp(nll_nats / tokens), bits/byte = nll_nats / (ln 2 * bytes); the pooled row "
+                 "divides the summed nll_nats by the summed counts")
+    return "\n".join(lines)
+
+
 def run(args) -> dict:
-    """The whole command; returns the results JSON document (empty on ranks other than 0)."""
+    """The whole command; returns the results JSON document (empty on ranks other than 0). One
+    corpus: config, totals, metrics, intervals, documents; several: {"corpora": [one such object
+    per corpus], "pooled": {"totals", "metrics"}}."""
     check_outputs(args)
     dist_ctx = init_from_env(args.device)
     device = _device(args, dist_ctx)
-    docs, tokenizer, checkpoint = _preflight(args, dist_ctx)
+    tokenizer, corpora = _preflight(args, dist_ctx)
     model = lmloss.load_model(args.model, device=device, dtype=args.dtype)
-    result = _evaluate(args, model, tokenizer, docs, checkpoint)
-    result.config.update(dataset=args.dataset, form=args.form, detokenize=args.detokenize, limit=args.limit,
-                         resumed_documents=result.resumed_documents)
+    results = []
+    for spec, docs, base in corpora:
+        result = _evaluate(args, model, tokenizer, docs, base)
+        result.config.update(dataset=spec, form=args.form, detokenize=args.detokenize, limit=args.limit,
+                             max_bytes=args.max_bytes, resumed_documents=result.resumed_documents)
+        results.append(result)
     out, written = {}, []
     try:
         if dist_ctx.is_main:
-            ci = bootstrap_ci(result.per_document, n_resamples=args.bootstrap) if args.bootstrap else {}
-            out = results_json(args, result, ci)
-            report(args, result, ci)
-            _write_outputs(args, out, result, written)
+            cis = [bootstrap_ci(r.per_document, n_resamples=args.bootstrap) if args.bootstrap else {}
+                   for r in results]
+            for result, ci in zip(results, cis):
+                report(args, result, ci)
+            if len(results) == 1:
+                out = results_json(args, results[0], cis[0])
+            else:
+                out = dict(corpora=[results_json(args, r, ci) for r, ci in zip(results, cis)],
+                           pooled=pooled_json(results))
+                print("\n" + corpora_table(results, cis))
+            _write_outputs(args, out, results, cis, written)
     finally:
-        _finish(dist_ctx, checkpoint if args.output in written else None)
+        _finish(dist_ctx, [base for _, _, base in corpora if base] if args.output in written else [])
     return out
 
 
-def _write_outputs(args, out: dict, result, written: list[str]) -> None:
+def _write_outputs(args, out: dict, results, cis: list[dict], written: list[str]) -> None:
     """Results JSON, then the per-token NLL and the plot (each atomically), each path appended to
     `written` once complete; an error after the first is written says what was."""
     try:
@@ -303,15 +387,20 @@ def _write_outputs(args, out: dict, result, written: list[str]) -> None:
         if args.token_nll:
             import numpy as np
 
-            if result.resumed_documents or result.config["world_size"] > 1:
+            if any(r.resumed_documents or r.config["world_size"] > 1 for r in results):
                 print("note: --token-nll holds only the documents this process scored in this run")
+            prefix = ["" if len(results) == 1 else f"c{k}_" for k in range(len(results))]
             buf = io.BytesIO()
-            np.savez(buf, **{f"doc_{i}": t.numpy() for i, t in result.token_nll.items()})
+            np.savez(buf, **{f"{prefix[k]}doc_{i}": t.numpy() for k, r in enumerate(results)
+                             for i, t in r.token_nll.items()})
             write_atomic(args.token_nll, buf.getvalue())
             written.append(args.token_nll)
             print(f"per-token NLL: {args.token_nll}")
         if args.plot:
-            save_plot(args.plot, result)
+            if len(results) == 1:
+                save_plot(args.plot, results[0])
+            else:
+                save_corpora_plot(args.plot, results, cis)
             print(f"plot: {args.plot}")
     except Exception as err:
         if not written:
@@ -319,15 +408,15 @@ def _write_outputs(args, out: dict, result, written: list[str]) -> None:
         raise ValueError(f"{type(err).__name__}: {err} (already written, complete: {', '.join(written)})") from err
 
 
-def _finish(dist_ctx, checkpoint: Path | None) -> None:
-    """After rank 0 has written the results: rank 0 deletes every rank's checkpoint file (a resumed
-    run may have used other ranks), and every rank leaves the group it joined."""
+def _finish(dist_ctx, checkpoints: list[Path]) -> None:
+    """After rank 0 has written the results: rank 0 deletes every rank's file of each checkpoint (a
+    resumed run may have used other ranks), and every rank leaves the group it joined."""
     if dist_ctx.world_size > 1:
         import torch.distributed as dist
 
         dist.barrier()
-    if dist_ctx.is_main and checkpoint:
-        for path in checkpoint_files(checkpoint):
+    if dist_ctx.is_main:
+        for path in (p for base in checkpoints for p in checkpoint_files(base)):
             path.unlink(missing_ok=True)
     if dist_ctx.initialized_here:
         import torch.distributed as dist

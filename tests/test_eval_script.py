@@ -239,3 +239,27 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(base_args
     assert "error: unexpected RuntimeError: CUDA error" in err and "--debug" in err and "Traceback" not in err
     with pytest.raises(RuntimeError, match="illegal memory access"):
         eval_script.main(argv + ["--debug"])
+
+
+def test_several_corpora_in_one_run_equal_single_runs_and_pool_by_sums(base_args, tmp_path, capsys):
+    argv = base_args + ["--max-length", "64", "--limit", "3", "--batch-size", "2"]
+    singles = []
+    for name in ("wikitext", "lambada"):
+        out = tmp_path / f"{name}.json"
+        assert eval_script.main(argv + ["--dataset", name, "--output", str(out)]) == 0
+        singles.append(json.loads(out.read_text()))
+    out, png = tmp_path / "both.json", tmp_path / "both.png"
+    assert eval_script.main(argv + ["--dataset", "wikitext, lambada", "--output", str(out), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    both = json.loads(out.read_text())
+    assert [c["config"]["resolved"]["dataset"] for c in both["corpora"]] == ["wikitext", "lambada"]
+    for got, want in zip(both["corpora"], singles):
+        assert got["documents"] == want["documents"] and got["totals"] == want["totals"]
+        assert set(got) == set(want)  # each corpus keeps the single-corpus schema
+    summed = {k: sum(s["totals"][k] for s in singles) for k in ("n_tokens", "n_bytes", "n_words", "n_chars")}
+    pooled = both["pooled"]
+    assert {k: pooled["totals"][k] for k in summed} == summed
+    nll = singles[0]["totals"]["nll_nats"] + singles[1]["totals"]["nll_nats"]
+    assert pooled["metrics"]["bits_per_byte"] == pytest.approx(nll / (math.log(2) * summed["n_bytes"]), rel=1e-12)
+    assert "pooled (summed totals)" in printed and f"{nll:.4f}" in printed
+    assert png.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob("*.partial*"))
