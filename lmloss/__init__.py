@@ -10,7 +10,7 @@ from lmloss.ops import IMPLS, cross_entropy, logsumexp, token_nll
 from lmloss.ops.linear import linear_cross_entropy, linear_token_nll
 from lmloss.ops.vocab_parallel import vocab_parallel_token_nll
 from lmloss.tokenizers import Tokenizer, encode_document, load_tokenizer, token_byte_lengths
-from lmloss.data import Document, load_corpus
+from lmloss.data import Document, iter_corpus, load_corpus
 from lmloss.windows import Window, plan_windows
 from lmloss.models import load_model
 from lmloss.evaluate import EvalResult, evaluate
@@ -22,7 +22,7 @@ __all__ = [
     "linear_token_nll", "linear_cross_entropy", "vocab_parallel_token_nll",
     "LossTotals", "LossMeter", "bits_per_byte", "perplexity",
     "Tokenizer", "load_tokenizer", "token_byte_lengths", "encode_document",
-    "Document", "load_corpus",
+    "Document", "load_corpus", "iter_corpus",
     "Window", "plan_windows",
     "load_model", "EvalResult", "evaluate",
     "__version__",

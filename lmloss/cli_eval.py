@@ -31,6 +31,7 @@ else:  # pragma: no cover
 
 import lmloss
 from lmloss.checkpoint import checkpoint_files, checkpoint_path, fingerprint, restore
+from lmloss.data import check_corpus_options, takes_field, takes_subset
 from lmloss.distributed import init_from_env
 from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, resolve_window
 from lmloss.models import peek_config, resolve_device
@@ -244,11 +245,14 @@ def _preflight(args, dist_ctx):
     if args.stride is not None and args.stride > max_length:
         raise ValueError(f"--stride {args.stride} is above --max-length {max_length}; pass a smaller --stride")
     check_tokenizer_fits(tokenizer, info.vocab_size, args.model)
+    specs = corpus_specs(args.dataset)
+    check_corpus_options(specs, field=args.text_field, subset=args.subset)
     corpora = []
-    for k, spec in enumerate(corpus_specs(args.dataset)):
+    for k, spec in enumerate(specs):
         docs = lmloss.load_corpus(spec, form=args.form, data_dir=args.data_dir, detokenize=args.detokenize,
-                                  limit=args.limit, field=args.text_field, max_bytes=args.max_bytes,
-                                  subset=args.subset)
+                                  limit=args.limit, max_bytes=args.max_bytes,
+                                  field=args.text_field if takes_field(spec) else None,  # each option only
+                                  subset=args.subset if takes_subset(spec) else None)  # where it applies
         base = _checkpoint_base(args.output, k) if args.output else None
         if base is not None:
             fp = fingerprint(args.model, tokenizer, docs, plan=args.plan, max_length=max_length,

@@ -1,5 +1,4 @@
-"""scripts/compare_tokenizers.py: its rows against counts made here, the table, JSON and PNG outputs."""
-import importlib.util
+"""lmloss compare-tokenizers (scripts/compare_tokenizers.py): its rows against counts made here, the table, JSON and PNG outputs."""
 import json
 import math
 import os
@@ -17,10 +16,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_tokenizers.p
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare_tokenizers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from lmloss import cli_compare
+
+    return cli_compare
 
 
 def test_rows_match_counts_made_here(compare, assets, tmp_path, capsys):
@@ -86,14 +84,6 @@ def test_model_rows_put_token_perplexity_next_to_bits_per_byte(compare, assets, 
     assert "bits_per_byte" not in plain and scored["model"] == "gpt2"
     assert scored["token_perplexity"] == pytest.approx(math.exp(2.0), rel=1e-12)
     assert scored["bits_per_byte"] == pytest.approx(2.0 * scored["n_tokens"] / (math.log(2) * 24), rel=1e-12)
-
-    def not_there(*args, **kwargs):
-        raise NotImplementedError
-
-    monkeypatch.setattr(compare.lmloss, "evaluate", not_there)
-    with pytest.raises(SystemExit, match="needs lmloss.evaluate"):
-        compare.run(compare.parse_args(["--tokenizers", "gpt2", "--model", "gpt2", "--dataset",
-                                        str(tmp_path / "a.txt")]))
 
 
 # -- errors: one line on stderr, exit code 2, no traceback; --debug shows it --------------------------
@@ -204,6 +194,7 @@ def test_measure_rejects_a_tokenizer_that_encodes_text_to_no_tokens(compare):
     (["--limit", "0"], "--limit must be >= 1"),
     (["--limit", "-3"], "--limit must be >= 1"),
     (["--max-length", "0"], "--max-length must be >= 1"),
+    (["--max-bytes", "0"], "--max-bytes must be >= 1"),
 ])
 def test_empty_lists_and_bad_numbers_are_usage_errors(compare, tmp_path, capsys, monkeypatch, argv, words):
     _no_work(compare, monkeypatch)
@@ -318,3 +309,73 @@ def test_measure_counts_equal_plain_encode(compare):
     row = compare.measure(tok, "c", docs)
     assert row["n_tokens"] == sum(map(len, ids)) and row["bytes_exact"]
     assert row["vocab_used"] == len(set().union(*ids)) / tok.vocab_size
+
+
+# -- hf: specs, --max-bytes, --subset ----------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, expect", [
+    ("wikitext:stream", ("wikitext", "stream")),
+    ("wikitext", ("wikitext", None)),
+    ("data.jsonl:rows", ("data.jsonl", "rows")),
+    ("hf:allenai/paloma:c4_100_domains:val", ("hf:allenai/paloma:c4_100_domains:val", None)),
+    ("hf:some/dataset:rows", ("hf:some/dataset:rows", None)),  # a config named "rows" is not a form
+    ("hf:/data/my_dataset::test:stream", ("hf:/data/my_dataset::test:stream", None)),
+])
+def test_split_spec_never_splits_an_hf_spec(compare, spec, expect):
+    assert compare.split_spec(spec) == expect
+
+
+def _parquet_folder(folder, texts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    pq.write_table(pa.table({"content": texts, "id": list(range(len(texts)))}), folder / "test-00000.parquet",
+                   row_group_size=2)
+    return folder
+
+
+def test_hf_spec_with_max_bytes(compare, assets, tmp_path):
+    texts = ["first é", "second", "third one", "fourth"]  # 8, 6, 9, 6 bytes
+    folder = _parquet_folder(tmp_path / "ds", texts)
+    spec = f"hf:{folder}::test:content"
+    rows = compare.run(compare.parse_args(["--tokenizers", "gpt2", "--dataset", spec, "--max-bytes", "15"]))
+    # 8 + 6 = 14 < 15, so the third document, which reaches 23 >= 15, is the last
+    assert rows[0]["corpus"] == spec and rows[0]["n_documents"] == 3 and rows[0]["n_bytes"] == 23
+    rows = compare.run(compare.parse_args(["--tokenizers", "gpt2", "--dataset", f"hf:{folder}", "--text-field",
+                                           "content", "--max-bytes", "14"]))
+    assert rows[0]["n_documents"] == 2 and rows[0]["n_bytes"] == 14
+
+
+def test_hf_errors_exit_2(compare, tmp_path, capsys):
+    assert compare.main(["--tokenizers", "gpt2", "--dataset", "hf::x"]) == 2
+    assert "malformed dataset spec 'hf::x'" in capsys.readouterr().err
+    folder = _parquet_folder(tmp_path / "ds", ["a"])
+    assert compare.main(["--tokenizers", "gpt2", "--dataset", f"hf:{folder}::validation"]) == 2
+    assert "has no split 'validation' (splits: ['test'])" in capsys.readouterr().err
+
+
+def test_subset_of_a_named_corpus(compare, assets, tmp_path):
+    (tmp_path / "pile").mkdir()
+    (tmp_path / "pile" / "val.jsonl").write_text(
+        "".join(json.dumps({"text": t, "meta": {"pile_set_name": s}}) + "\n"
+                for t, s in (("a paper", "ArXiv"), ("code", "Github"), ("b paper", "ArXiv"))), encoding="utf-8")
+    rows = compare.run(compare.parse_args(["--tokenizers", "gpt2", "--dataset", "pile", "--subset", "ArXiv",
+                                           "--data-dir", str(tmp_path)]))
+    assert rows[0]["n_documents"] == 2 and rows[0]["n_bytes"] == 14
+
+
+def test_text_field_and_subset_go_only_to_the_corpora_they_apply_to(compare, assets, tmp_path, capsys):
+    (tmp_path / "pile").mkdir()
+    (tmp_path / "pile" / "val.jsonl").write_text(json.dumps({"text": "a paper", "meta": {"pile_set_name": "ArXiv"}})
+                                                 + "\n", encoding="utf-8")
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text(json.dumps({"body": "a post"}) + "\n", encoding="utf-8")
+    rows = compare.run(compare.parse_args(["--tokenizers", "gpt2", "--dataset", f"lambada,{posts}", "--text-field",
+                                           "body", "--data-dir", str(assets / "corpora"), "--limit", "2"]))
+    assert [r["n_documents"] for r in rows] == [2, 1]
+    rows = compare.run(compare.parse_args(["--tokenizers", "gpt2", "--dataset", f"pile,{posts}", "--text-field",
+                                           "body", "--subset", "ArXiv", "--data-dir", str(tmp_path)]))
+    assert [r["n_bytes"] for r in rows] == [7, 6]
+    assert compare.main(["--tokenizers", "gpt2", "--dataset", str(posts), "--subset", "ArXiv"]) == 2
+    assert "--subset 'ArXiv' picks a part of a named corpus (pile, paloma)" in capsys.readouterr().err

@@ -263,3 +263,16 @@ def test_several_corpora_in_one_run_equal_single_runs_and_pool_by_sums(base_args
     assert pooled["metrics"]["bits_per_byte"] == pytest.approx(nll / (math.log(2) * summed["n_bytes"]), rel=1e-12)
     assert "pooled (summed totals)" in printed and f"{nll:.4f}" in printed
     assert png.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob("*.partial*"))
+
+
+def test_text_field_and_subset_go_only_to_the_corpora_they_apply_to(base_args, tmp_path, capsys):
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text("".join(json.dumps({"id": i, "body": f"post number {i} says hello"}) + "\n" for i in range(3)))
+    argv = base_args + ["--max-length", "64", "--limit", "2", "--bootstrap", "0"]
+    out = tmp_path / "r.json"
+    assert eval_script.main(argv + ["--dataset", f"lambada,{posts}", "--text-field", "body", "--output", str(out)]) == 0
+    assert [c["totals"]["n_bytes"] > 0 for c in json.loads(out.read_text())["corpora"]] == [True, True]
+    err = _error(argv + ["--dataset", "lambada", "--text-field", "body"], capsys)
+    assert "--text-field 'body' picks a field" in err
+    err = _error(argv + ["--dataset", "lambada", "--subset", "ArXiv"], capsys)
+    assert "--subset 'ArXiv' picks a part of a named corpus" in err
