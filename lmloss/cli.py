@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "run_reporting_errors"]
 
 COMMANDS = {  # name -> (module, what it does)
     "eval": ("lmloss.cli_eval", "evaluate a model on a corpus: perplexities and bits per byte"),
@@ -31,3 +31,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
+
+
+def run_reporting_errors(run, args) -> int:
+    """run(args) as a command's exit code: 0 done; 2 for a bad input (ValueError, OSError,
+    ImportError), 1 for anything else, each as one line "error: ..." on stderr with no traceback
+    unless args.debug; 130 when interrupted (the interruption's message says what was saved)."""
+    try:
+        run(args)
+    except (ValueError, OSError, ImportError) as err:  # a user's input: a message, not a traceback
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        if args.debug:
+            raise
+        print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        return 130
+    except Exception as err:  # not the input's fault: still one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(err).__name__}: {err}\n(no results were written; rerun with "
+              "--debug for the traceback and report it)", file=sys.stderr)
+        return 1
+    return 0

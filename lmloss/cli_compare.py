@@ -267,25 +267,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    """Exit code: 0 done, 2 a bad input (one line on stderr; --debug shows the traceback), 1 an
-    unexpected error (likewise), 130 interrupted."""
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as err:  # a user's input: a message, not a traceback
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # not the input's fault: still one line, the traceback on request
-        if args.debug:
-            raise
-        print(f"error: unexpected {type(err).__name__}: {err}\n(no results were written; rerun with "
-              "--debug for the traceback and report it)", file=sys.stderr)
-        return 1
-    return 0
+    """Exit code: 0 done, 2 a bad input, 1 an unexpected error (each one line on stderr; --debug
+    shows the traceback), 130 interrupted."""
+    from lmloss.cli import run_reporting_errors
+
+    return run_reporting_errors(run, parse_args(argv))

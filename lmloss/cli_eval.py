@@ -429,21 +429,8 @@ def _finish(dist_ctx, checkpoints: list[Path]) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError, ImportError) as err:  # a user's input: a message, not a traceback
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
-        return 130
-    except Exception as err:  # not the input's fault: still one line, the traceback on request
-        if args.debug:
-            raise
-        print(f"error: unexpected {type(err).__name__}: {err}\n(no results were written; rerun with "
-              "--debug for the traceback and report it)", file=sys.stderr)
-        return 1
-    return 0
+    """Exit code: 0 done, 2 a bad input, 1 an unexpected error (each one line on stderr; --debug
+    shows the traceback), 130 interrupted."""
+    from lmloss.cli import run_reporting_errors
+
+    return run_reporting_errors(run, parse_args(argv))
