@@ -276,3 +276,33 @@ def test_text_field_and_subset_go_only_to_the_corpora_they_apply_to(base_args, t
     assert "--text-field 'body' picks a field" in err
     err = _error(argv + ["--dataset", "lambada", "--subset", "ArXiv"], capsys)
     assert "--subset 'ArXiv' picks a part of a named corpus" in err
+
+
+def test_resume_works_across_corpora(base_args, tmp_path, monkeypatch):
+    import lmloss
+
+    out = tmp_path / "r.json"
+    argv = base_args + ["--dataset", "wikitext,lambada", "--max-length", "64", "--limit", "3", "--batch-size", "2",
+                        "--bootstrap", "0", "--output", str(out)]
+    assert eval_script.main(argv) == 0
+    full = json.loads(out.read_text())
+    out.unlink()
+    real_evaluate, calls = lmloss.evaluate, []
+
+    def killed_in_the_second_corpus(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            def stop(doc):
+                raise KeyboardInterrupt
+            k["on_document"] = stop
+        return real_evaluate(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(lmloss, "evaluate", killed_in_the_second_corpus)
+        assert eval_script.main(argv) == 130
+    assert sorted(p.name for p in tmp_path.glob("r.json.partial*")) == ["r.json.partial.c1.jsonl", "r.json.partial.jsonl"]
+    assert eval_script.main(argv + ["--resume"]) == 0
+    again = json.loads(out.read_text())
+    assert [c["config"]["resolved"]["resumed_documents"] for c in again["corpora"]] == [3, 1]
+    assert [c["documents"] for c in again["corpora"]] == [c["documents"] for c in full["corpora"]]
+    assert again["pooled"] == full["pooled"] and not list(tmp_path.glob("r.json.partial*"))
