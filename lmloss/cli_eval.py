@@ -39,7 +39,7 @@ from lmloss.outputs import check_output_path, write_atomic
 
 __all__ = ["build_parser", "parse_args", "run", "main"]
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/ folder
+CONFIGS = Path(__file__).resolve().parent / "presets"  # links to the top-level configs/ (in a wheel: a copy)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -445,6 +445,7 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
     if done:
         notes.append(f"{len(done)} documents restored from a checkpoint: their sums are in the totals, "
                      "their tokens are not in the per-position sums or the per-token NLL")
+    progress_done = [0, 0]  # documents, bytes finished in this call
     bar = tqdm(total=sum(w.n_scored for i, w in enumerate(windows) if i not in skip), unit="tok",
                unit_scale=True, disable=not progress, desc="scoring", dynamic_ncols=True)
 
@@ -456,6 +457,10 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
         d = documents[doc]
         totals = LossTotals(nll, sum(windows[i].n_scored for i in mine), d.n_bytes, d.n_words, d.n_chars)
         results[doc] = DocumentResult(doc_ids[doc], getattr(d, "name", ""), totals, ckpt_io.text_sha256(d.text))
+        progress_done[0] += 1
+        progress_done[1] += d.n_bytes
+        bar.set_postfix_str(f"{progress_done[0]}/{n_docs - len(done)} documents, {progress_done[1]:,} bytes",
+                            refresh=False)
         on_document(results[doc])
 
     for doc in range(n_docs):
