@@ -220,6 +220,9 @@ def _device(args, dist_ctx) -> str:
 def corpus_specs(dataset: str) -> list[str]:
     """--dataset as a list of corpus specs: "wikitext,ptb,hf:allenai/c4:en" -> three."""
     specs = [spec.strip() for spec in dataset.split(",") if spec.strip()]
+    twice = sorted({spec for spec in specs if specs.count(spec) > 1})
+    if twice:  # the pooled row would count the same documents twice
+        raise ValueError(f"--dataset names {twice} more than once; name each corpus once")
     if not specs:
         raise ValueError(f"--dataset {dataset!r} names no corpus; pass a name, an hf: spec or a file path "
                          "(a comma list for several)")

@@ -2,7 +2,6 @@
 LossTotals.all_reduce on 2 gloo ranks equal to the sum written here."""
 import os
 import random
-import socket
 
 import pytest
 import torch
@@ -46,12 +45,6 @@ RANK_TOTALS = [LossTotals(1234.5678901234567, 2**33 + 1, 2**40 + 3, 17, 101),
                LossTotals(0.1, 5, 2**35 + 7, 0, 9)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _all_reduce_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -64,8 +57,8 @@ def _all_reduce_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_loss_totals_all_reduce_on_two_gloo_ranks(tmp_path):
-    mp.spawn(_all_reduce_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_loss_totals_all_reduce_on_two_gloo_ranks(tmp_path, free_port):
+    mp.spawn(_all_reduce_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     a, b = RANK_TOTALS
     want = dict(nll_nats=a.nll_nats + b.nll_nats, n_tokens=2**33 + 6, n_bytes=2**40 + 2**35 + 10, n_words=17,
                 n_chars=110)

@@ -136,6 +136,8 @@ def _error(argv, capsys) -> str:
     (["--plot", "f.txt/x.png"], "f.txt is not an existing folder"),
     (["--plot", "no/such/dir/x.png"], "no/such/dir is not an existing folder; create it"),
     (["--output", "."], "--output '.' is a folder"),
+    (["--dataset", "lambada,wikitext,lambada"], "names \\['lambada'\\] more than once"),
+    (["--dataset", " , "], "names no corpus"),
 ])
 def test_bad_options_are_refused_before_the_model_is_loaded(base_args, extra, match, tmp_path, capsys,
                                                             monkeypatch, no_model_load):

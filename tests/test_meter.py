@@ -2,7 +2,6 @@
 its state stays on the input's device and update() never reads a value on the host."""
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -184,12 +183,6 @@ def test_all_reduce_without_process_group_is_a_no_op():
 
 # ---- two gloo ranks -------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -209,9 +202,9 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_all_reduce_on_two_gloo_ranks(tmp_path):
+def test_all_reduce_on_two_gloo_ranks(tmp_path, free_port):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port, str(tmp_path)), nprocs=world, join=True)
     per_rank = [reference(make_batches(10 + r)) for r in range(world)]
     nll_nats = math.fsum(p[0] for p in per_rank)
     for r in range(world):

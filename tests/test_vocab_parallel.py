@@ -1,6 +1,5 @@
 """Vocabulary-parallel NLL on 2 and 3 gloo ranks against the unsharded float64 definition."""
 import os
-import socket
 
 import pytest
 import torch
@@ -9,12 +8,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lmloss import vocab_parallel_token_nll
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shard_bounds(V: int, world: int) -> list[int]:
@@ -55,9 +48,9 @@ def _worker(rank, world, port, N, V, out_dir):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_matches_unsharded(world, tmp_path):
+def test_matches_unsharded(world, tmp_path, free_port):
     N, V = 37, 1001
-    mp.spawn(_worker, args=(world, _free_port(), N, V, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port, N, V, str(tmp_path)), nprocs=world, join=True)
     g = torch.Generator().manual_seed(1234)
     logits = torch.randn(N, V, generator=g) * 10
     targets = torch.randint(0, V, (N,), generator=g)
