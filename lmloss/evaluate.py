@@ -119,7 +119,8 @@ def bootstrap_ci(per_document: Sequence[DocumentResult], *, n_resamples: int = 1
     alpha = (1.0 - level) / 2
     out = {}
     ratios = (("token_perplexity", "n_tokens", None), ("byte_perplexity", "n_bytes", None),
-              ("word_perplexity", "n_words", None), ("bits_per_byte", "n_bytes", math.log(2)))
+              ("word_perplexity", "n_words", None), ("bits_per_byte", "n_bytes", math.log(2)),
+              ("bits_per_char", "n_chars", math.log(2)))
     for metric, key, scale in ratios:
         denom = np.array([getattr(t, key) for t in sums], dtype=np.float64)[idx].sum(axis=1)
         if (denom <= 0).any():

@@ -226,6 +226,11 @@ class LossTotals:
     def bits_per_byte(self) -> float:
         return self._ratio("n_bytes") / math.log(2)
 
+    @property
+    def bits_per_char(self) -> float:
+        """nll_nats / (ln 2 * n_chars), characters being Unicode code points (str length)."""
+        return self._ratio("n_chars") / math.log(2)
+
     def to_dict(self) -> dict:
         """The sums, as a JSON-ready dict."""
         return asdict(self)
@@ -233,7 +238,8 @@ class LossTotals:
     def metrics(self) -> dict:
         """Every metric these sums support; one whose denominator is 0 is left out."""
         out = {}
-        for name in ("token_perplexity", "byte_perplexity", "word_perplexity", "bits_per_byte"):
+        for name in ("token_perplexity", "byte_perplexity", "word_perplexity", "bits_per_byte",
+                     "bits_per_char"):
             try:
                 out[name] = getattr(self, name)
             except ValueError:
