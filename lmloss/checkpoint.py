@@ -162,16 +162,18 @@ def read_checkpoint(path: str | os.PathLike, fingerprint: dict) -> dict[int, dic
     return rows  # a file killed before its header was complete holds no rows
 
 
-def check_rows(rows: Mapping[int, dict], documents: Sequence) -> None:
+def check_rows(rows: Mapping[int, dict], documents: Sequence, *, counts: bool = True) -> None:
     """ValueError unless every row's index is in range and its text hash and byte, word and
-    character counts match that document (the corpus is the one the checkpoint was written for)."""
+    character counts match that document (the corpus is the one the checkpoint was written for).
+    counts=False checks the hash only: under plan "chunks" a row counts the scored text's bytes."""
     for i, row in rows.items():
         if not 0 <= i < len(documents):
             raise ValueError(f"checkpoint row for document {i} is out of range: the corpus has "
                              f"{len(documents)} documents. Delete it to start over (scripts/eval.py: --overwrite).")
         doc = documents[i]
-        want = dict(text_sha256=text_sha256(doc.text), n_bytes=doc.n_bytes, n_words=doc.n_words,
-                    n_chars=doc.n_chars)
+        want = dict(text_sha256=text_sha256(doc.text))
+        if counts:
+            want.update(n_bytes=doc.n_bytes, n_words=doc.n_words, n_chars=doc.n_chars)
         bad = [f"{k}: checkpoint {row.get(k)!r}, corpus {v!r}" for k, v in want.items() if row.get(k) != v]
         if bad:
             raise ValueError(f"checkpoint row for document {i} does not match that document of the "
@@ -181,16 +183,18 @@ def check_rows(rows: Mapping[int, dict], documents: Sequence) -> None:
 
 def fingerprint(model_name: str, tokenizer, documents: Sequence, *, plan: str, max_length: int,
                 stride: int | None, prefix_id: int | None, every_window: bool, dtype: str,
-                head_impl: str) -> dict:
+                head_impl: str, **options) -> dict:
     """What must match for a checkpoint's rows to belong to a run: the corpus by content (its
     documents' text hashes) and every setting that changes a number. Batch size, device and the
-    number of processes change only float rounding and may differ on resume."""
+    number of processes change only float rounding and may differ on resume. `options` (score_from,
+    max_chunks, bos_in_tokens) enter only when set, so older checkpoints keep their fingerprint."""
     from lmloss import __version__
 
     return dict(model=model_name, tokenizer=getattr(tokenizer, "name", None), n_documents=len(documents),
                 corpus_sha256=corpus_sha256(documents), plan=plan, max_length=max_length,
                 stride=stride, prefix_id=prefix_id, every_window=every_window, dtype=dtype,
-                head_impl=head_impl, lmloss=__version__)
+                head_impl=head_impl, lmloss=__version__,
+                **{k: v for k, v in sorted(options.items()) if v not in (None, False)})
 
 
 def restore(checkpoint: str | os.PathLike, fp: dict, documents: Sequence) -> dict[int, dict]:
@@ -204,7 +208,7 @@ def restore(checkpoint: str | os.PathLike, fp: dict, documents: Sequence) -> dic
             raise ValueError(f"documents {twice[:5]} are recorded in two files of checkpoint {checkpoint} "
                              f"(one is {path}); delete them to start over")
         done.update(rows)
-    check_rows(done, documents)
+    check_rows(done, documents, counts=fp.get("plan") != "chunks")
     return done
 
 

@@ -40,6 +40,38 @@ from lmloss.outputs import check_output_path, write_atomic
 __all__ = ["build_parser", "parse_args", "run", "main"]
 
 CONFIGS = Path(__file__).resolve().parent / "presets"  # links to the top-level configs/ (in a wheel: a copy)
+ADD_BOS_RULES = ("no", "yes", "tokenizer", "lm-eval")
+
+
+def _score_from(value: str) -> int | str:
+    if value == "half":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'half', got {value!r}") from None
+
+
+def bos_in_tokens(rule: str, tokenizer, model_type: str | None) -> tuple[bool, str]:
+    """(does each document's token list start with BOS, why) under --add-bos `rule`.
+
+    lm-eval: lm-evaluation-harness 0.4.13's HFLM sets add_bos_token=True when "gemma" is in the
+    config's model_type (no other family is special-cased) and encodes with add_special_tokens=
+    add_bos_token, so the list starts with BOS exactly when the tokenizer then adds one."""
+    adds = bool(tokenizer.add_bos) and tokenizer.bos_id is not None
+    if rule == "lm-eval":
+        gemma = "gemma" in (model_type or "")
+        why = (f"lm-eval rule: model_type {model_type!r} " + ("contains 'gemma', so add_bos_token=True" if gemma
+               else "is not a Gemma type, so add_bos_token=False (lm-eval's default)"))
+        on = gemma and adds
+        if gemma and not adds:
+            why += ", but the tokenizer adds no BOS"
+        return on, why
+    if rule == "tokenizer":
+        return adds, f"the tokenizer {'adds' if adds else 'does not add'} BOS"
+    if rule == "yes" and tokenizer.bos_id is None:
+        raise ValueError(f"--add-bos yes, but tokenizer {tokenizer.name!r} has no BOS token; pass --add-bos no")
+    return rule == "yes", f"--add-bos {rule}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
            "or a .txt/.jsonl/.parquet path; a comma list evaluates each with the model loaded once")
     a("--tokenizer", help="tokenizer spec (default: the model's)")
     a("--preset", help=f"configs/<name>.toml: {', '.join(sorted(f.stem for f in CONFIGS.glob('*.toml')))}")
-    a("--plan", choices=("lm-eval", "sliding"), default="lm-eval", help="window plan (lmloss.windows)")
-    a("--form", help="corpus form: pages, rows or stream (default: the corpus's own)")
+    a("--plan", choices=("lm-eval", "sliding", "chunks"), default="lm-eval", help="window plan (lmloss.windows)")
+    a("--form", help="corpus form: pages, rows, stream or raw (default: the corpus's own)")
     a("--detokenize", action=argparse.BooleanOptionalAction, default=False,
       help="apply lm-evaluation-harness's WikiText detokenizer; counts stay on the original text")
     a("--data-dir", default=os.environ.get("LMLOSS_DATA_DIR"),
@@ -62,7 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-length", type=int, help="model inputs per window (default: the model's context length)")
     a("--stride", type=int, help="sliding plan: how far windows move (default max_length // 2)")
     a("--bos-every-window", action=argparse.BooleanOptionalAction, default=False,
-      help="put BOS (else EOS) at the start of every window")
+      help="put BOS (else EOS) at the start of every window; plan chunks: write BOS over each chunk's first "
+           "token when the token list starts with BOS (llama.cpp)")
+    a("--add-bos", choices=ADD_BOS_RULES, default="no",
+      help="does each document's token list start with BOS (then scored like any token)? no; yes; tokenizer: "
+           "when the tokenizer adds BOS (llama.cpp, the GPTQ loop); lm-eval: lm-evaluation-harness's rule, "
+           "yes for model types containing 'gemma' (its add_bos_token=True), else no")
+    a("--score-from", type=_score_from, help="plan chunks: predictions at the start of each chunk that are "
+      "context only: N, or 'half' for max_length // 2 (llama.cpp's); default 0 (the GPTQ loop)")
+    a("--chunks", type=int, help="plan chunks: score only the first K chunks (llama-perplexity --chunks K)")
     a("--batch-size", type=int, help="windows per forward pass (default: 2 on the CPU, where small "
       "batches stay in cache and ran 5-10%% faster than 4 or 8; 32 on a GPU, 8 if the model's head "
       "is not separable)")
@@ -109,6 +149,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--max-length must be positive, got {args.max_length}")
     if args.stride is not None and args.plan != "sliding":
         parser.error(f"--stride is for --plan sliding; plan {args.plan!r} moves by --max-length")
+    if args.plan != "chunks" and (args.score_from is not None or args.chunks is not None):
+        parser.error(f"--score-from and --chunks are for --plan chunks, not {args.plan!r}")
+    if args.chunks is not None and args.chunks < 1:
+        parser.error(f"--chunks must be a positive number of chunks, got {args.chunks}")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
     if args.bootstrap < 0:
@@ -243,11 +287,16 @@ def _preflight(args, dist_ctx):
     if args.max_length and info.context_length and args.max_length > info.context_length:
         raise ValueError(f"--max-length {args.max_length} is above the context length of {args.model} "
                          f"({info.context_length}); pass --max-length {info.context_length} or less")
+    window = _window_options(args, tokenizer, info)
     max_length, prefix_id = resolve_window(info.context_length, tokenizer, plan=args.plan,
-                                           max_length=args.max_length, prefix_id=None,
-                                           every_window=args.bos_every_window)
+                                           max_length=args.max_length, prefix_id=window["prefix_id"],
+                                           every_window=window["every_window"])
     if args.stride is not None and args.stride > max_length:
         raise ValueError(f"--stride {args.stride} is above --max-length {max_length}; pass a smaller --stride")
+    if args.plan == "chunks":
+        window["score_from"] = max_length // 2 if args.score_from == "half" else args.score_from
+        lmloss.plan_windows([], plan="chunks", max_length=max_length, score_from=window["score_from"],
+                            max_chunks=args.chunks, prefix_id=prefix_id)  # its checks, before loading
     check_tokenizer_fits(tokenizer, info.vocab_size, args.model)
     specs = corpus_specs(args.dataset)
     check_corpus_options(specs, field=args.text_field, subset=args.subset)
@@ -260,11 +309,24 @@ def _preflight(args, dist_ctx):
         base = _checkpoint_base(args.output, k) if args.output else None
         if base is not None:
             fp = fingerprint(args.model, tokenizer, docs, plan=args.plan, max_length=max_length,
-                             stride=args.stride, prefix_id=prefix_id, every_window=args.bos_every_window,
-                             dtype=args.dtype, head_impl=args.head_impl)
+                             stride=args.stride, prefix_id=prefix_id, every_window=window["every_window"],
+                             dtype=args.dtype, head_impl=args.head_impl, score_from=window["score_from"],
+                             max_chunks=window["max_chunks"], bos_in_tokens=window["bos_in_tokens"])
             _checkpoint_policy(args, base, fp, docs, dist_ctx)
         corpora.append((spec, docs, base))
-    return tokenizer, corpora
+    return tokenizer, corpora, window
+
+
+def _window_options(args, tokenizer, info) -> dict:
+    """The evaluate() keywords that --plan, --add-bos, --bos-every-window, --score-from and --chunks
+    decide, with the reason for the BOS choice (a note in the results)."""
+    on, why = bos_in_tokens(args.add_bos, tokenizer, getattr(info, "model_type", None))
+    chunks = args.plan == "chunks"
+    # llama.cpp writes BOS over each chunk's first token exactly when its token list starts with BOS.
+    prefix_id = tokenizer.bos_id if chunks and args.bos_every_window and on else None
+    return dict(bos_in_tokens=on, bos_note=f"BOS {'starts' if on else 'does not start'} each document's "
+                f"token list ({why})", prefix_id=prefix_id, every_window=args.bos_every_window and not chunks,
+                score_from=None, max_chunks=args.chunks)
 
 
 def _checkpoint_policy(args, base: Path, fp: dict, docs, dist_ctx) -> None:
@@ -288,13 +350,17 @@ def _checkpoint_policy(args, base: Path, fp: dict, docs, dist_ctx) -> None:
         dist.barrier()
 
 
-def _evaluate(args, model, tokenizer, docs, checkpoint):
+def _evaluate(args, model, tokenizer, docs, checkpoint, window: dict):
     try:
-        return lmloss.evaluate(model, tokenizer, docs, plan=args.plan, max_length=args.max_length,
-                               stride=args.stride, every_window=args.bos_every_window,
-                               batch_size=args.batch_size, head_impl=args.head_impl,
-                               keep_token_nll=bool(args.token_nll), progress=not args.no_progress,
-                               checkpoint=checkpoint)
+        result = lmloss.evaluate(model, tokenizer, docs, plan=args.plan, max_length=args.max_length,
+                                 stride=args.stride, every_window=window["every_window"],
+                                 prefix_id=window["prefix_id"], score_from=window["score_from"],
+                                 max_chunks=window["max_chunks"], bos_in_tokens=window["bos_in_tokens"],
+                                 batch_size=args.batch_size, head_impl=args.head_impl,
+                                 keep_token_nll=bool(args.token_nll), progress=not args.no_progress,
+                                 checkpoint=checkpoint)
+        result.notes.append(window["bos_note"])
+        return result
     except KeyboardInterrupt:
         if checkpoint:
             raise KeyboardInterrupt(f"finished documents are saved in {checkpoint}; run the same command "
@@ -313,7 +379,30 @@ def results_json(args, result, ci: dict) -> dict:
                 totals=result.totals.to_dict(), metrics=result.metrics(),
                 confidence_intervals={k: list(v) for k, v in ci.items()},
                 elapsed_s=result.elapsed_s, tokens_per_s=result.tokens_per_s, notes=result.notes,
+                **({"chunks": chunk_numbers(result)} if chunk_numbers(result) else {}),
                 documents=[d.to_dict() for d in result.per_document])
+
+
+def chunk_numbers(result) -> dict:
+    """Plan "chunks": what llama-perplexity and the GPTQ loop print, from the per-chunk sums.
+
+    running_ppl[k] = exp(sum of the first k+1 chunks' nll / their tokens), llama.cpp's "[k]" values
+    (its last is its "Final estimate: PPL", = token_perplexity). gptq_ppl = exp(sum_i(loss_i * L) /
+    (n * L)), loss_i = chunk i's mean NLL, computed in float32 as GPTQ's code does; every chunk scores
+    the same L - 1 - score_from tokens, so it equals token_perplexity up to that rounding. {} for other
+    plans and for sharded runs (a process holds only its chunks)."""
+    import numpy as np
+
+    cfg = result.config
+    if cfg["plan"] != "chunks" or cfg["world_size"] > 1 or not result.windows:
+        return {}
+    nll = np.array(result.window_nll_nats, dtype=np.float64)
+    n = np.array([w.n_scored for w in result.windows], dtype=np.float64)
+    L = cfg["max_length"]
+    loss = (nll / n).astype(np.float32)
+    gptq = float(np.exp((loss * np.float32(L)).sum(dtype=np.float32) / np.float32(len(loss) * L)))
+    return dict(n_chunks=len(nll), tokens_per_chunk=int(n[0]), chunk_nll_nats=nll.tolist(),
+                running_ppl=np.exp(np.cumsum(nll) / np.cumsum(n)).tolist(), gptq_ppl=gptq)
 
 
 def report(args, result, ci: dict) -> None:
@@ -324,6 +413,15 @@ def report(args, result, ci: dict) -> None:
     for note in result.notes:
         print(f"note: {note}")
     print(format_table(result, ci))
+    chunks = chunk_numbers(result)
+    if chunks:
+        shown = chunks["running_ppl"][:50]
+        print(f"llama-perplexity's running PPL by chunk: " + ",".join(f"[{k}]{v:.4f}" for k, v in enumerate(shown, 1))
+              + (f",... ({chunks['n_chunks']} chunks)" if len(shown) < chunks["n_chunks"] else ""))
+        print(f"GPTQ loop's number: exp(sum_i(loss_i * {result.config['max_length']}) / ({chunks['n_chunks']} * "
+              f"{result.config['max_length']})) = {chunks['gptq_ppl']:.6f} (float32, as its code sums), token-weighted "
+              f"exp(nll_nats / n_tokens) = {result.totals.token_perplexity:.6f}: equal but for rounding, as every "
+              f"chunk scores {chunks['tokens_per_chunk']} tokens")
 
 
 def pooled_json(results) -> dict:
@@ -357,11 +455,11 @@ def run(args) -> dict:
     check_outputs(args)
     dist_ctx = init_from_env(args.device)
     device = _device(args, dist_ctx)
-    tokenizer, corpora = _preflight(args, dist_ctx)
+    tokenizer, corpora, window = _preflight(args, dist_ctx)
     model = lmloss.load_model(args.model, device=device, dtype=args.dtype)
     results = []
     for spec, docs, base in corpora:
-        result = _evaluate(args, model, tokenizer, docs, base)
+        result = _evaluate(args, model, tokenizer, docs, base, window)
         result.config.update(dataset=spec, form=args.form, detokenize=args.detokenize, limit=args.limit,
                              max_bytes=args.max_bytes, resumed_documents=result.resumed_documents)
         results.append(result)

@@ -79,11 +79,12 @@ CORPORA = {
     "wikitext": Corpus(
         hub=("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text"),
         local=("wikitext-2-raw-v1/test.jsonl", "wikitext-2-raw-v1/wiki.test.raw", "test.jsonl", "wiki.test.raw"),
-        forms=("pages", "rows", "stream"), default_form="pages",
+        forms=("pages", "rows", "stream", "raw"), default_form="pages",
         counts=_LM_EVAL + ", on the text as read (before detokenizing)",
         convention="WikiText-2 raw test (Merity et al. 2016). pages: the 62 article pages of "
                    "EleutherAI/wikitext_document_level that lm-evaluation-harness's wikitext task scores; "
-                   "stream: '\\n\\n'.join(rows), the Hugging Face perplexity guide's text"),
+                   "stream: '\\n\\n'.join(rows), the Hugging Face perplexity guide's text; raw: wiki.test.raw "
+                   "byte for byte, the file llama.cpp's llama-perplexity reads"),
     "lambada": Corpus(
         hub=("EleutherAI/lambada_openai", "default", "test", "text"),
         local=("lambada/lambada_test.jsonl", "lambada_test.jsonl"),
@@ -93,7 +94,7 @@ CORPORA = {
     "wikitext-103": Corpus(
         hub=("Salesforce/wikitext", "wikitext-103-raw-v1", "test", "text"),
         local=("wikitext-103-raw-v1/test.jsonl", "wikitext-103-raw-v1/wiki.test.raw"),
-        forms=("pages", "rows", "stream"), default_form="pages",
+        forms=("pages", "rows", "stream", "raw"), default_form="pages",
         counts=_LM_EVAL + ", on the text as read (before detokenizing)",
         convention="WikiText-103 raw test (Merity et al. 2016): the same test text as WikiText-2 raw, so the same "
                    "pages/rows/stream as 'wikitext'; its own name only for its own files"),
@@ -424,6 +425,11 @@ def _stream(rows: Iterator[Document], corpus: Corpus, name: str) -> Iterator[Doc
     yield Document(corpus.stream_join.join(d.text for d in rows), name=name, words=corpus.words)
 
 
+def _raw(rows: Iterator[Document], name: str) -> Iterator[Document]:
+    """wiki.test.raw itself: its rows joined, each "" (a line of one space) restored as " \\n"."""
+    yield Document("".join(d.text or " \n" for d in rows), name=name)
+
+
 def _pages(rows: Iterator[Document]) -> Iterator[Document]:
     yield from wikitext_pages([d.text for d in rows])
 
@@ -442,4 +448,6 @@ def iter_named(name: str, *, form: str | None = None, data_dir: str | None = Non
         return _stream(rows, corpus, name)
     if form == "pages":
         return _pages(rows)
+    if form == "raw":
+        return _raw(rows, name)
     return (replace(d, words=corpus.words) for d in rows)

@@ -315,8 +315,8 @@ def _iter_hf(spec: str, field: str | None) -> Iterator[Document]:
 
 # -- corpora ----------------------------------------------------------------------------------------
 
-def _one_document(docs: Iterator[Document], name: str) -> Iterator[Document]:
-    yield Document("\n\n".join(d.text for d in docs), name=name)
+def _one_document(docs: Iterator[Document], name: str, join: str = "\n\n") -> Iterator[Document]:
+    yield Document(join.join(d.text for d in docs), name=name)
 
 
 def iter_corpus(name_or_path: str, *, form: str | None = None, data_dir: str | None = None,
@@ -350,8 +350,8 @@ def iter_corpus(name_or_path: str, *, form: str | None = None, data_dir: str | N
             raise ValueError(f"subset={subset!r} picks a part of a named corpus ({corpora.with_subsets()}); "
                              f"{spec!r} is not one: drop subset")
         form = form or "rows"
-        if form not in ("rows", "stream"):
-            raise ValueError(f"a file or hf: corpus has forms ('rows', 'stream'), got form={form!r}")
+        if form not in ("rows", "stream", "raw"):
+            raise ValueError(f"a file or hf: corpus has forms ('rows', 'stream', 'raw'), got form={form!r}")
         label = spec
         if spec.startswith("hf:"):
             docs = _iter_hf(spec, field)
@@ -362,8 +362,8 @@ def iter_corpus(name_or_path: str, *, form: str | None = None, data_dir: str | N
                                  f"an {HF_GRAMMAR} spec, and no such file or folder. Pass a name, an hf: spec or a "
                                  ".txt, .jsonl or .parquet path")
             docs, label = _read_path(path, field), path.name
-        if form == "stream":
-            docs = _one_document(docs, label)
+        if form in ("stream", "raw"):  # raw: the rows as read, back to back (a .txt file: the file)
+            docs = _one_document(docs, label, "\n\n" if form == "stream" else "")
     if detokenize:
         docs = (Document(corpora.wikitext_detokenize(d.text), original=d.text, name=d.name, words=d.words)
                 for d in docs)
@@ -381,9 +381,10 @@ def load_corpus(name_or_path: str, *, form: str | None = None, data_dir: str | N
     """The first documents of iter_corpus(name_or_path, ...) as a list (see iter_corpus for names,
     hf: specs and files), read no further than needed.
 
-    form: "pages" | "rows" | "stream" for names (default: the corpus's own, e.g. wikitext "pages",
-    lambada "rows"); for files and hf: specs "rows" (as read, the default) or "stream" (joined by
-    "\\n\\n"). detokenize: apply lm-evaluation-harness's WikiText detokenizer to each document's text
+    form: "pages" | "rows" | "stream" | "raw" for names (default: the corpus's own, e.g. wikitext
+    "pages", lambada "rows"; wikitext "raw" is wiki.test.raw byte for byte); for files and hf: specs
+    "rows" (as read, the default), "stream" (joined by "\\n\\n") or "raw" (joined by "": a .txt
+    file as it is). detokenize: apply lm-evaluation-harness's WikiText detokenizer to each document's text
     and keep the text as read in `original`, on which bytes/words/chars are counted. field: the text
     field of .jsonl/.parquet records (default "text", else "page") or of an hf: dataset (default
     "text", else its only string column); every value there must be a string (rows numbered from 1).

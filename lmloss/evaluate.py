@@ -257,9 +257,10 @@ def check_tokenizer_fits(tokenizer, model_vocab: int | None, model_name: str = "
                          f"model's tokenizer; {fix}")
 
 
-def _tokenize(tokenizer, documents, doc_ids, vocab_size: int) -> list:
-    """Token ids of each document; ValueError for text that encodes to nothing or to ids past the
-    model's embedding (either would give a number that is not the model's loss on the text)."""
+def _tokenize(tokenizer, documents, doc_ids, vocab_size: int, bos_in_tokens: bool = False) -> list:
+    """Token ids of each document, BOS first when bos_in_tokens; ValueError for text that encodes to
+    nothing or to ids past the model's embedding (either would give a number that is not the model's
+    loss on the text)."""
     from lmloss.tokenizers import Tokenizer, encode_document
 
     tokens = []
@@ -278,21 +279,53 @@ def _tokenize(tokenizer, documents, doc_ids, vocab_size: int) -> list:
         if top >= vocab_size:
             raise ValueError(f"tokenizer {name!r} gives id {top} in document {k}, past the model's "
                              f"{vocab_size} embedding rows: pass the model's own tokenizer")
-        tokens.append(ids)
+        tokens.append(([tokenizer.bos_id] + list(ids)) if bos_in_tokens else ids)
     return tokens
+
+
+def _scored_counts(tokenizer, documents, tokens, windows) -> list[tuple[int, int, int]]:
+    """(bytes, words, chars) of the text each document's scored tokens stand for, for plans that
+    score part of a document ("chunks"): a scored run tokens[a:b] is the text's UTF-8 bytes
+    [offset[a], offset[b]), offsets being the running sums of the tokens' byte lengths; chars count
+    the bytes that start a character in that range. Words are not counted (0): a run may cut a word."""
+    lengths = tokenizer.byte_lengths() if hasattr(tokenizer, "byte_lengths") else None
+    name = getattr(tokenizer, "name", type(tokenizer).__name__)
+    if not lengths or not getattr(tokenizer, "byte_exact", True):
+        raise ValueError(f"plan 'chunks' counts the bytes of the scored tokens, and tokenizer {name!r} cannot "
+                         f"give exact byte counts ({getattr(tokenizer, 'byte_note', 'no byte lengths')}); "
+                         "use plan 'lm-eval' or 'sliding', which count the whole text")
+    out = [[0, 0, 0] for _ in documents]
+    offsets: dict[int, list[int]] = {}
+    for w in windows:
+        if w.doc not in offsets:
+            run = [0]
+            for t in tokens[w.doc]:
+                run.append(run[-1] + lengths[t])
+            raw = documents[w.doc].text.encode("utf-8")
+            if run[-1] != len(raw):
+                raise ValueError(f"tokenizer {name!r}: the tokens of document {w.doc} stand for {run[-1]} bytes, "
+                                 f"its text has {len(raw)}, so the scored bytes cannot be counted; use plan "
+                                 "'lm-eval' or 'sliding'")
+            offsets[w.doc] = (run, raw)
+        run, raw = offsets[w.doc]
+        lo, hi = run[w.scored.start], run[w.scored.stop]
+        out[w.doc][0] += hi - lo
+        out[w.doc][2] += sum(1 for c in raw[lo:hi] if c & 0xC0 != 0x80)
+    return [tuple(c) for c in out]
 
 
 def resolve_window(context_length: int | None, tokenizer, *, plan: str, max_length: int | None,
                    prefix_id: int | None, every_window: bool) -> tuple[int, int | None]:
     """(max_length, prefix_id) as a run uses them: the model's context length unless given (never
-    above it), and BOS (else EOS) as the prefix for "lm-eval" and every_window unless given."""
+    above it), and BOS (else EOS) as the prefix for "lm-eval" and every_window unless given
+    ("chunks" takes a prefix only when given: the token written over each chunk's first)."""
     max_length = context_length if max_length is None else max_length
     if max_length is None:
         raise ValueError("the model's config states no context length: pass max_length")
     if context_length is not None and max_length > context_length:
         raise ValueError(f"max_length {max_length} is above the model's context length {context_length}; "
                          f"pass max_length <= {context_length}")
-    if prefix_id is None and (plan == "lm-eval" or every_window):
+    if prefix_id is None and plan != "chunks" and (plan == "lm-eval" or every_window):
         prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     return max_length, prefix_id
 
@@ -302,16 +335,22 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
              every_window: bool = False, batch_size: int | None = None, head_impl: str = "fused",
              keep_token_nll: bool = False, progress: bool = True,
              on_document: Callable[[DocumentResult], None] | None = None,
-             checkpoint: str | os.PathLike | None = None) -> EvalResult:
+             checkpoint: str | os.PathLike | None = None, score_from: int | None = None,
+             max_chunks: int | None = None, bos_in_tokens: bool = False) -> EvalResult:
     """Score every token of every document once; float64 sums per document and overall.
 
     model: a LoadedModel (lmloss.load_model) or a transformers causal LM (wrapped on its device).
     tokenizer: lmloss Tokenizer (encode without specials, bos_id, eos_id). documents: Documents.
-    plan, max_length (default: the model's context), stride, every_window: see lmloss.windows.
+    plan, max_length (default: the model's context), stride, every_window, and for plan "chunks"
+    score_from and max_chunks: see lmloss.windows.
     prefix_id: what the first token is predicted from; default BOS, else EOS, for "lm-eval" and
     every_window (for "sliding" the first token is then context only, as in the HF guide).
     batch_size: windows per forward pass (default: default_batch_size(model)).
     head_impl: "fused" or "logits" (see score_windows).
+    bos_in_tokens: each document's token list starts with BOS, which is then scored like any token
+    when a window predicts it (lm-evaluation-harness with add_bos_token, as for Gemma; llama.cpp
+    and the GPTQ loop when the tokenizer adds BOS).
+    Under plan "chunks" a document's counts are those of its scored text (bytes, chars; no words).
     on_document(DocumentResult) is called as soon as a document's last window is scored.
     checkpoint: a .jsonl path (rank r > 0 writes path's ".rank{r}" sibling). Every finished
     document is appended and fsynced; calling again with the same settings and corpus restores
@@ -333,9 +372,13 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
     batch_size = default_batch_size(model) if batch_size is None else batch_size
     check_tokenizer_fits(tokenizer, model.vocab_size, model.name)
     rank, world_size = _process_group(model.device)
+    if max_chunks is not None and world_size > 1:
+        raise ValueError(f"max_chunks={max_chunks} counts chunks over the whole corpus, which {world_size} "
+                         "processes each holding a share cannot do: run it in one process")
     dtype = str(model.dtype).removeprefix("torch.")
     fp = ckpt_io.fingerprint(model.name, tokenizer, documents, plan=plan, max_length=max_length, stride=stride,
-                     prefix_id=prefix_id, every_window=every_window, dtype=dtype, head_impl=head_impl)
+                     prefix_id=prefix_id, every_window=every_window, dtype=dtype, head_impl=head_impl,
+                     score_from=score_from, max_chunks=max_chunks, bos_in_tokens=bos_in_tokens)
     done = ({i: DocumentResult.from_dict(row) for i, row in ckpt_io.restore(checkpoint, fp, documents).items()}
             if checkpoint is not None else {})
     _barrier(world_size)  # every rank has read the checkpoint before any rank appends to it
@@ -343,7 +386,10 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
     config = dict(model=model.name, tokenizer=getattr(tokenizer, "name", None), plan=plan,
                   max_length=max_length, stride=stride, prefix_id=prefix_id, every_window=every_window,
                   batch_size=batch_size, head_impl=head_impl, device=str(model.device), dtype=dtype,
-                  n_documents=len(documents), world_size=world_size, corpus_sha256=fp["corpus_sha256"])
+                  n_documents=len(documents), world_size=world_size, corpus_sha256=fp["corpus_sha256"],
+                  score_from=score_from, max_chunks=max_chunks, bos_in_tokens=bos_in_tokens)
+    if bos_in_tokens and tokenizer.bos_id is None:
+        raise ValueError(f"bos_in_tokens=True, but tokenizer {config['tokenizer']!r} has no BOS token")
     writer = ckpt_io.Checkpoint(ckpt_io.rank_path(checkpoint, rank), fp, keep=True) if checkpoint else None
     try:
         def finished(doc: DocumentResult) -> None:
@@ -408,21 +454,26 @@ def _merge_ranks(result: EvalResult) -> None:
 def _score(model, tokenizer, documents, mine, done, config, start, *, batch_size, head_impl, keep_token_nll,
            progress, on_document) -> EvalResult:
     """Score documents[i] for i in mine (restoring those in done) and return this process's result."""
-    tokens = _tokenize(tokenizer, [documents[i] for i in mine], mine, model.vocab_size)
+    tokens = _tokenize(tokenizer, [documents[i] for i in mine], mine, model.vocab_size, config["bos_in_tokens"])
     windows = plan_windows([len(t) for t in tokens], plan=config["plan"], max_length=config["max_length"],
                            stride=config["stride"], prefix_id=config["prefix_id"],
-                           every_window=config["every_window"])
+                           every_window=config["every_window"], score_from=config["score_from"],
+                           max_chunks=config["max_chunks"])
     config["n_windows"] = len(windows)
-    return _run(model, [documents[i] for i in mine], tokens, windows, config, start, batch_size=batch_size,
+    mine_docs = [documents[i] for i in mine]
+    counts = (_scored_counts(tokenizer, mine_docs, tokens, windows) if config["plan"] == "chunks" else
+              [(d.n_bytes, d.n_words, d.n_chars) for d in mine_docs])
+    return _run(model, mine_docs, tokens, windows, config, start, counts=counts, batch_size=batch_size,
                 head_impl=head_impl, keep_token_nll=keep_token_nll, progress=progress,
                 on_document=on_document, doc_ids=mine,
                 done={k: done[i] for k, i in enumerate(mine) if i in done})
 
 
-def _run(model, documents, tokens, windows, config, start, *, batch_size, head_impl, keep_token_nll,
+def _run(model, documents, tokens, windows, config, start, *, counts, batch_size, head_impl, keep_token_nll,
          progress, on_document, doc_ids, done) -> EvalResult:
     """The loop proper: score batches, fold per-window sums into per-document float64 sums.
-    done: {position in documents: DocumentResult} of documents restored, not scored."""
+    counts: (bytes, words, chars) per document; done: {position in documents: DocumentResult} of
+    documents restored, not scored."""
     from tqdm.auto import tqdm
 
     n_docs = len(documents)
@@ -431,9 +482,11 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
         doc_windows[w.doc].append(i)
     for k, doc in done.items():
         n_scored = sum(windows[i].n_scored for i in doc_windows[k])
-        if doc.totals.n_tokens != n_scored:
-            raise ValueError(f"checkpoint row for document {doc_ids[k]} says {doc.totals.n_tokens} tokens, "
-                             f"this run scores {n_scored} for it: the checkpoint does not belong to "
+        t = doc.totals
+        if (t.n_tokens, t.n_bytes, t.n_words, t.n_chars) != (n_scored, *counts[k]):
+            raise ValueError(f"checkpoint row for document {doc_ids[k]} says {t.n_tokens} tokens, {t.n_bytes} "
+                             f"bytes, {t.n_words} words, {t.n_chars} chars; this run scores {n_scored} tokens, "
+                             f"{counts[k]} (bytes, words, chars) for it: the checkpoint does not belong to "
                              "this corpus and plan; delete it to start over")
     skip = frozenset(i for k in done for i in doc_windows[k])
     pending = [len(mine) for mine in doc_windows]  # windows left per document
@@ -443,6 +496,16 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
     pos_count = torch.zeros(config["max_length"], dtype=torch.int64)
     results: list[DocumentResult | None] = [done.get(k) for k in range(n_docs)]
     notes = list(model.notes)
+    if config["plan"] == "chunks":
+        notes.append(f"plan 'chunks': {len(windows)} disjoint chunks of {config['max_length']} tokens, the first "
+                     f"{config['score_from'] or 0} predictions of each context only"
+                     + (f", token {config['prefix_id']} written over each chunk's first token"
+                        if config["prefix_id"] is not None else "")
+                     + "; the tokens after a document's last whole chunk are not scored. Bytes and characters "
+                     "are those of the scored tokens' text; words are not counted")
+    if config["bos_in_tokens"]:
+        notes.append(f"each document's token list starts with BOS (id {next((t[0] for t in tokens if len(t)), '-')}), which is "
+                     "scored where a window predicts it")
     if done:
         notes.append(f"{len(done)} documents restored from a checkpoint: their sums are in the totals, "
                      "their tokens are not in the per-position sums or the per-token NLL")
@@ -456,7 +519,7 @@ def _run(model, documents, tokens, windows, config, start, *, batch_size, head_i
         for i in mine:  # plan order: a fixed summation order whatever the batch size
             nll += window_nll[i]
         d = documents[doc]
-        totals = LossTotals(nll, sum(windows[i].n_scored for i in mine), d.n_bytes, d.n_words, d.n_chars)
+        totals = LossTotals(nll, sum(windows[i].n_scored for i in mine), *counts[doc])
         results[doc] = DocumentResult(doc_ids[doc], getattr(d, "name", ""), totals, ckpt_io.text_sha256(d.text))
         progress_done[0] += 1
         progress_done[1] += d.n_bytes

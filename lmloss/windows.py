@@ -12,6 +12,13 @@ Pure Python, no torch. A plan cuts each document's token list into windows of at
                Token-weighted when summed; the first token of the sequence is context only
                unless a prefix token is given.
 
+    "chunks"   llama.cpp's llama-perplexity and the GPTQ/AWQ papers' wikitext2 loop: each document's
+               tokens cut into disjoint chunks of max_length, the remainder dropped; a chunk's first
+               `score_from` predictions are context only, the rest scored (llama.cpp: score_from =
+               max_length // 2, so max_length - score_from - 1 per chunk; GPTQ: 0, max_length - 1).
+               With a prefix token it is written over each chunk's first token (llama.cpp's BOS).
+               `max_chunks` keeps only the first chunks (llama.cpp's --chunks).
+
 `every_window=True` also puts the prefix token at the start of every later window (BOS at every
 window); that costs one context token per window.
 """
@@ -23,7 +30,7 @@ from typing import Sequence
 
 __all__ = ["Window", "plan_windows", "PLANS"]
 
-PLANS = ("lm-eval", "sliding")
+PLANS = ("lm-eval", "sliding", "chunks")
 
 
 @dataclass(frozen=True)
@@ -114,9 +121,19 @@ def _sliding(doc: int, n: int, max_length: int, stride: int, prefix_id: int | No
     return out
 
 
+def _chunks(doc: int, n: int, max_length: int, prefix_id: int | None, score_from: int) -> list[Window]:
+    """Chunk k holds tokens[k*L:(k+1)*L] (L = max_length), its first token replaced by prefix_id when
+    given; its inputs stop one short (the last one predicts past the chunk), its last L - 1 -
+    score_from targets are scored."""
+    lead = int(prefix_id is not None)  # the prefix stands in for tokens[k*L]
+    return [Window(doc, k * max_length + lead, (k + 1) * max_length - 1, max_length - 1 - score_from, prefix_id)
+            for k in range(n // max_length)]
+
+
 def plan_windows(doc_lengths: Sequence[int], *, plan: str = "lm-eval", max_length: int,
                  stride: int | None = None, prefix_id: int | None = None,
-                 every_window: bool = False) -> list[Window]:
+                 every_window: bool = False, score_from: int | None = None,
+                 max_chunks: int | None = None) -> list[Window]:
     """Windows covering every target of every document exactly once, in document order.
 
     doc_lengths: tokens per document. plan: "lm-eval" or "sliding" (module docstring).
@@ -124,6 +141,8 @@ def plan_windows(doc_lengths: Sequence[int], *, plan: str = "lm-eval", max_lengt
     (default max_length // 2). prefix_id: the token the first token of each document is predicted
     from (required by "lm-eval"; for "sliding", None leaves the first token as context only).
     every_window: put prefix_id at the start of every window too.
+    score_from, max_chunks: for "chunks", the context-only predictions at the start of each chunk
+    (default 0) and how many chunks to keep, counted over all documents (default all).
     """
     if plan not in PLANS:
         raise ValueError(f"unknown window plan {plan!r}; expected one of {PLANS}")
@@ -141,12 +160,29 @@ def plan_windows(doc_lengths: Sequence[int], *, plan: str = "lm-eval", max_lengt
                              "predicts nothing inside itself; use every_window or a longer window")
     elif stride is not None:
         raise ValueError(f"stride is for plan='sliding'; plan {plan!r} moves by max_length")
+    if plan == "chunks":
+        score_from = 0 if score_from is None else score_from
+        if every_window:
+            raise ValueError("plan 'chunks' writes prefix_id over each chunk's first token; every_window "
+                             "is for the other plans")
+        if max_length < 2:
+            raise ValueError(f"plan 'chunks' needs max_length >= 2 (a chunk of one token predicts nothing), "
+                             f"got {max_length}")
+        if not isinstance(score_from, int) or not 0 <= score_from <= max_length - 2:
+            raise ValueError(f"score_from must be an int in [0, max_length - 2 = {max_length - 2}] so that "
+                             f"each chunk scores a token, got {score_from!r}")
+        if max_chunks is not None and (not isinstance(max_chunks, int) or max_chunks < 1):
+            raise ValueError(f"max_chunks must be a positive int or None, got {max_chunks!r}")
+    elif score_from is not None or max_chunks is not None:
+        raise ValueError(f"score_from and max_chunks are for plan='chunks', not {plan!r}")
     windows = []
     for doc, n in enumerate(doc_lengths):
         if n < 0:
             raise ValueError(f"document {doc} has a negative length {n}")
         if plan == "lm-eval":
             windows += _lm_eval(doc, n, max_length, prefix_id, every_window)
+        elif plan == "chunks":
+            windows += _chunks(doc, n, max_length, prefix_id, score_from)
         else:
             windows += _sliding(doc, n, max_length, stride, prefix_id, every_window)
-    return windows
+    return windows if max_chunks is None else windows[:max_chunks]

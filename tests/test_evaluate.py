@@ -254,7 +254,7 @@ def test_a_row_whose_token_count_is_not_its_documents_is_refused(model, docs, tm
         for row in rows:
             del row["checksum"]
             ck.append({**row, "n_tokens": 99} if row["index"] == 3 else row)
-    with pytest.raises(ValueError, match="document 3 says 99 tokens, this run scores"):
+    with pytest.raises(ValueError, match="document 3 says 99 tokens, .*this run scores"):
         evaluate(model, ByteTokenizer(), docs, max_length=16, progress=False, checkpoint=ckpt)
 
 

@@ -111,3 +111,44 @@ def test_every_target_is_scored_exactly_once(lengths, plan, max_length, stride_f
 def test_window_is_plain_data():
     w = Window(doc=2, start=3, stop=7, n_scored=2)
     assert (w.n_inputs, list(w.scored), w.min_context) == (4, [6, 7], 3)
+
+
+def test_chunks_golden_llama_cpp_and_gptq():
+    # llama-perplexity -c 4 over 11 tokens: chunks [0..3], [4..7], the remainder 8..10 dropped; BOS
+    # (P) over each chunk's first token; first = 4 // 2 = 2, so it scores 4 - 2 - 1 = 1 per chunk:
+    # the logit at chunk position 2 predicting position 3.
+    got = _pairs(plan_windows([11], plan="chunks", max_length=4, score_from=2, prefix_id=P), 11)
+    assert got == [([P, 1, 2], [3]), ([P, 5, 6], [7])]
+    # GPTQ's loop: every chunk's 3 predictions, nothing written over its first token.
+    assert _pairs(plan_windows([11], plan="chunks", max_length=4), 11) == [([0, 1, 2], [1, 2, 3]),
+                                                                            ([4, 5, 6], [5, 6, 7])]
+    # --chunks counts over all documents, in order; a document shorter than a chunk has none.
+    windows = plan_windows([3, 9, 8], plan="chunks", max_length=4, max_chunks=3)
+    assert [(w.doc, w.start) for w in windows] == [(1, 0), (1, 4), (2, 0)]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_length=1), "max_length >= 2"),
+    (dict(max_length=4, score_from=3), r"score_from must be an int in \[0, max_length - 2 = 2\]"),
+    (dict(max_length=4, max_chunks=0), "max_chunks must be a positive int"),
+    (dict(max_length=4, prefix_id=P, every_window=True), "every_window is for the other plans"),
+])
+def test_chunks_refuses_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_windows([10], plan="chunks", **kwargs)
+    with pytest.raises(ValueError, match="for plan='chunks'"):
+        plan_windows([10], plan="lm-eval", max_length=4, prefix_id=P, score_from=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=5), st.integers(2, 9), st.data())
+def test_chunks_score_each_target_at_most_once_within_its_chunk(lengths, max_length, data):
+    score_from = data.draw(st.integers(0, max_length - 2))
+    bos = data.draw(st.sampled_from([None, P]))
+    windows = plan_windows(lengths, plan="chunks", max_length=max_length, score_from=score_from, prefix_id=bos)
+    assert len(windows) == sum(n // max_length for n in lengths)
+    for w in windows:
+        k = w.start // max_length
+        assert w.n_inputs == max_length - 1 and w.n_scored == max_length - 1 - score_from
+        assert list(w.scored) == list(range(k * max_length + score_from + 1, (k + 1) * max_length))
+        assert w.min_context == score_from + 1
