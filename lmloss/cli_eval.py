@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--output", help="write results as JSON here (atomically)")
     a("--plot", help="PNG: mean NLL by position in the window, and bits per byte per document")
     a("--token-nll", help="write every scored token's NLL (nats) per document to this .npz file")
+    a("--token-stats", action="store_true",
+      help="also report the mean entropy of the predictions, top-1 accuracy and the target-rank distribution "
+           "(one fused pass; --token-nll files gain entropy, rank and argmax columns)")
     a("--bootstrap", type=int, default=1000, help="bootstrap resamples over documents (0: none)")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--resume", action="store_true",
@@ -358,7 +361,7 @@ def _evaluate(args, model, tokenizer, docs, checkpoint, window: dict):
                                  max_chunks=window["max_chunks"], bos_in_tokens=window["bos_in_tokens"],
                                  batch_size=args.batch_size, head_impl=args.head_impl,
                                  keep_token_nll=bool(args.token_nll), progress=not args.no_progress,
-                                 checkpoint=checkpoint)
+                                 checkpoint=checkpoint, token_stats=args.token_stats)
         result.notes.append(window["bos_note"])
         return result
     except KeyboardInterrupt:
@@ -380,7 +383,19 @@ def results_json(args, result, ci: dict) -> dict:
                 confidence_intervals={k: list(v) for k, v in ci.items()},
                 elapsed_s=result.elapsed_s, tokens_per_s=result.tokens_per_s, notes=result.notes,
                 **({"chunks": chunk_numbers(result)} if chunk_numbers(result) else {}),
+                **({"token_stats": result.token_stats} if result.token_stats is not None else {}),
                 documents=[d.to_dict() for d in result.per_document])
+
+
+def format_token_stats(st: dict) -> str:
+    """Mean entropy, top-1 accuracy and the rank distribution, each with the sums it comes from."""
+    n = st["n_tokens"]
+    ranks = ", ".join(f"{k}: {v} ({100 * v / n:.1f}%)" for k, v in st["rank_counts"].items()) if n else "-"
+    return (f"token statistics over {n} tokens scored in this run:\n"
+            f"  mean entropy  {st['mean_entropy_nats']:.6f} nats = entropy_nats / n_tokens = "
+            f"{st['entropy_nats']:.4f} / {n}\n"
+            f"  top-1 accuracy {st['top1_accuracy']:.6f} = top1 / n_tokens = {st['top1']} / {n}\n"
+            f"  target rank (logits strictly above the target's): {ranks}")
 
 
 def chunk_numbers(result) -> dict:
@@ -413,6 +428,8 @@ def report(args, result, ci: dict) -> None:
     for note in result.notes:
         print(f"note: {note}")
     print(format_table(result, ci))
+    if result.token_stats is not None:
+        print(format_token_stats(result.token_stats))
     chunks = chunk_numbers(result)
     if chunks:
         shown = chunks["running_ppl"][:50]
@@ -427,8 +444,13 @@ def report(args, result, ci: dict) -> None:
 def pooled_json(results) -> dict:
     """All corpora as one: the sums added, the metrics of the sums (never a mean of per-corpus
     perplexities)."""
+    from lmloss.evaluate import merge_token_stats
+
     totals = sum((r.totals for r in results), lmloss.LossTotals())
-    return dict(totals=totals.to_dict(), metrics=totals.metrics())
+    out = dict(totals=totals.to_dict(), metrics=totals.metrics())
+    if all(r.token_stats is not None for r in results):
+        out["token_stats"] = merge_token_stats([r.token_stats for r in results])
+    return out
 
 
 def corpora_table(results, cis: list[dict]) -> str:
@@ -497,8 +519,11 @@ def _write_outputs(args, out: dict, results, cis: list[dict], written: list[str]
                 print("note: --token-nll holds only the documents this process scored in this run")
             prefix = ["" if len(results) == 1 else f"c{k}_" for k in range(len(results))]
             buf = io.BytesIO()
-            np.savez(buf, **{f"{prefix[k]}doc_{i}": t.numpy() for k, r in enumerate(results)
-                             for i, t in r.token_nll.items()})
+            arrays = {f"{prefix[k]}doc_{i}": t.numpy() for k, r in enumerate(results) for i, t in r.token_nll.items()}
+            for k, r in enumerate(results):  # --token-stats: doc_{i}_entropy, doc_{i}_rank, doc_{i}_argmax
+                for i, cols in (r.token_columns or {}).items():
+                    arrays.update({f"{prefix[k]}doc_{i}_{name}": c.numpy() for name, c in cols.items()})
+            np.savez(buf, **arrays)
             write_atomic(args.token_nll, buf.getvalue())
             written.append(args.token_nll)
             print(f"per-token NLL: {args.token_nll}")

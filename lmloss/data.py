@@ -32,7 +32,7 @@ __all__ = ["Document", "iter_corpus", "load_corpus", "parse_hf_spec", "takes_fie
            "FORMS",
            "WORD_RULES", "HF_GRAMMAR"]
 
-FORMS = ("rows", "stream", "pages")
+FORMS = ("rows", "stream", "pages", "raw")
 _WHITESPACE_RUN = re.compile(r"\s+")
 _WORD = re.compile(r"\S+")
 

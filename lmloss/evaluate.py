@@ -38,6 +38,8 @@ from lmloss import checkpoint as ckpt_io
 from lmloss.metrics import LossTotals
 from lmloss.ops import token_nll
 from lmloss.ops.linear import linear_token_nll
+from lmloss.ops.linear_stats import linear_token_stats
+from lmloss.ops.stats import TokenStats, token_stats as logits_token_stats
 from lmloss.windows import Window, plan_windows
 
 __all__ = ["DocumentResult", "EvalResult", "evaluate", "score_windows", "bootstrap_ci",
@@ -85,6 +87,8 @@ class EvalResult:
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     resumed_documents: int = 0  # restored from the checkpoint, not scored in this call
+    token_stats: dict | None = None  # with token_stats=True: sums over the tokens scored in this call
+    token_columns: dict[int, dict[str, torch.Tensor]] | None = None  # entropy, rank, argmax per document
 
     @property
     def tokens_per_s(self) -> float:
@@ -149,36 +153,51 @@ def _batch_tensors(batch: list[Window], tokens: Sequence[Sequence[int]], device)
     return ids.to(device), as_long(rows), as_long(cols), as_long(targets)
 
 
-def _head_fused(hidden, head, targets) -> torch.Tensor:
-    """lmloss.linear_token_nll: the loss straight from hidden states, never all logits at once."""
-    return linear_token_nll(hidden, head.weight, targets, bias=head.bias, softcap=head.softcap)
+def _head_fused(hidden, head, targets, stats: bool = False):
+    """lmloss.linear_token_nll (linear_token_stats): the loss straight from hidden states, never all
+    logits at once."""
+    fn = linear_token_stats if stats else linear_token_nll
+    return fn(hidden, head.weight, targets, bias=head.bias, softcap=head.softcap)
 
 
-def _head_logits(hidden, head, targets) -> torch.Tensor:
-    """Logits of the scored rows only, _HEAD_ROWS at a time, then lmloss.token_nll."""
-    parts = [token_nll(head.logits(hidden[i:i + _HEAD_ROWS]), targets[i:i + _HEAD_ROWS])
-             for i in range(0, hidden.shape[0], _HEAD_ROWS)]
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+def _head_logits(hidden, head, targets, stats: bool = False):
+    """Logits of the scored rows only, _HEAD_ROWS at a time, then lmloss.token_nll (token_stats)."""
+    fn = logits_token_stats if stats else token_nll
+    return _cat([fn(head.logits(hidden[i:i + _HEAD_ROWS]), targets[i:i + _HEAD_ROWS])
+                 for i in range(0, hidden.shape[0], _HEAD_ROWS)], hidden.device, stats)
+
+
+def _cat(parts: list, device, stats: bool):
+    """Concatenate per-part NLL tensors, or TokenStats column by column."""
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.float32, device=device)
+        long = torch.zeros(0, dtype=torch.long, device=device)
+        return TokenStats(empty, empty, long, long) if stats else empty
+    if stats:
+        return TokenStats(*(torch.cat(c) for c in zip(*parts)))
+    return torch.cat(parts)
 
 
 HEAD_IMPLS = {"fused": _head_fused, "logits": _head_logits}
 
 
-def _scored_nll(model, ids, rows, cols, targets, head_impl: str) -> torch.Tensor:
-    """Per-token NLL (M,) float32 of the scored positions (rows[k], cols[k]) only."""
+def _scored_nll(model, ids, rows, cols, targets, head_impl: str, stats: bool = False):
+    """Per-token NLL (M,) float32 of the scored positions (rows[k], cols[k]) only; with stats, their
+    TokenStats (nll, entropy, rank, argmax)."""
     if model.head is None:
         logits = model(ids)  # (B, T, V)
+        fn = logits_token_stats if stats else token_nll
         # Each window's scored positions are one contiguous run of its row: score views of the
         # logits, never an indexed copy (8 GiB at Gemma's 262,144 classes x 8 x 1024).
         parts, k = [], 0
         for b, n in enumerate(torch.bincount(rows, minlength=ids.shape[0]).tolist()):
             if n:
                 first = int(cols[k])
-                parts.append(token_nll(logits[b, first:first + n], targets[k:k + n]))
+                parts.append(fn(logits[b, first:first + n], targets[k:k + n]))
                 k += n
-        return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
+        return _cat(parts, logits.device, stats)
     hidden = model.hidden_states(ids)[rows, cols]  # (M, d)
-    return HEAD_IMPLS[head_impl](hidden, model.head, targets)
+    return HEAD_IMPLS[head_impl](hidden, model.head, targets, stats)
 
 
 def _batch_order(windows: Sequence[Window], *, group_size: int) -> list[int]:
@@ -196,9 +215,10 @@ def _batch_order(windows: Sequence[Window], *, group_size: int) -> list[int]:
 
 
 def score_windows(model, tokens: Sequence[Sequence[int]], windows: Sequence[Window], *,
-                  batch_size: int = 8, head_impl: str = "fused",
-                  skip: frozenset[int] = frozenset()) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
-    """Yield (window indices, per-token NLL of each window's scored targets (float32, CPU)) per batch.
+                  batch_size: int = 8, head_impl: str = "fused", skip: frozenset[int] = frozenset(),
+                  stats: bool = False) -> Iterator[tuple[list[int], list]]:
+    """Yield (window indices, per-token NLL of each window's scored targets (float32, CPU)) per batch;
+    with stats, each window's TokenStats (nll, entropy, rank, argmax; lmloss.token_stats) instead.
 
     Windows are taken in groups of consecutive documents, longest first within a group (ties in
     the given order), `batch_size` at a time: little padding, and documents finish as the run goes.
@@ -218,8 +238,13 @@ def score_windows(model, tokens: Sequence[Sequence[int]], windows: Sequence[Wind
                 continue
             batch = [windows[i] for i in idx]
             ids, rows, cols, targets = _batch_tensors(batch, tokens, model.device)
-            nll = _scored_nll(model, ids, rows, cols, targets, head_impl).float().cpu()
-            yield idx, list(nll.split([w.n_scored for w in batch]))
+            sizes = [w.n_scored for w in batch]
+            out = _scored_nll(model, ids, rows, cols, targets, head_impl, stats)
+            if stats:
+                cols_ = [c.cpu().split(sizes) for c in (out.nll.float(), out.entropy.float(), out.rank, out.argmax)]
+                yield idx, [TokenStats(*c) for c in zip(*cols_)]
+            else:
+                yield idx, list(out.float().cpu().split(sizes))
 
 
 def _check_documents(documents) -> None:
@@ -336,7 +361,7 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
              keep_token_nll: bool = False, progress: bool = True,
              on_document: Callable[[DocumentResult], None] | None = None,
              checkpoint: str | os.PathLike | None = None, score_from: int | None = None,
-             max_chunks: int | None = None, bos_in_tokens: bool = False) -> EvalResult:
+             max_chunks: int | None = None, bos_in_tokens: bool = False, token_stats: bool = False) -> EvalResult:
     """Score every token of every document once; float64 sums per document and overall.
 
     model: a LoadedModel (lmloss.load_model) or a transformers causal LM (wrapped on its device).
@@ -351,6 +376,9 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
     when a window predicts it (lm-evaluation-harness with add_bos_token, as for Gemma; llama.cpp
     and the GPTQ loop when the tokenizer adds BOS).
     Under plan "chunks" a document's counts are those of its scored text (bytes, chars; no words).
+    token_stats: also the entropy of each predicted distribution and the target's rank
+    (lmloss.token_stats; the NLL then comes from the same pass): EvalResult.token_stats holds their
+    sums over the tokens scored in this call, token_columns the per-token columns with keep_token_nll.
     on_document(DocumentResult) is called as soon as a document's last window is scored.
     checkpoint: a .jsonl path (rank r > 0 writes path's ".rank{r}" sibling). Every finished
     document is appended and fsynced; calling again with the same settings and corpus restores
@@ -378,7 +406,8 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
     dtype = str(model.dtype).removeprefix("torch.")
     fp = ckpt_io.fingerprint(model.name, tokenizer, documents, plan=plan, max_length=max_length, stride=stride,
                      prefix_id=prefix_id, every_window=every_window, dtype=dtype, head_impl=head_impl,
-                     score_from=score_from, max_chunks=max_chunks, bos_in_tokens=bos_in_tokens)
+                     score_from=score_from, max_chunks=max_chunks, bos_in_tokens=bos_in_tokens,
+                     token_stats=token_stats)
     done = ({i: DocumentResult.from_dict(row) for i, row in ckpt_io.restore(checkpoint, fp, documents).items()}
             if checkpoint is not None else {})
     _barrier(world_size)  # every rank has read the checkpoint before any rank appends to it
@@ -387,7 +416,8 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
                   max_length=max_length, stride=stride, prefix_id=prefix_id, every_window=every_window,
                   batch_size=batch_size, head_impl=head_impl, device=str(model.device), dtype=dtype,
                   n_documents=len(documents), world_size=world_size, corpus_sha256=fp["corpus_sha256"],
-                  score_from=score_from, max_chunks=max_chunks, bos_in_tokens=bos_in_tokens)
+                  score_from=score_from, max_chunks=max_chunks, bos_in_tokens=bos_in_tokens,
+                  token_stats=token_stats)
     if bos_in_tokens and tokenizer.bos_id is None:
         raise ValueError(f"bos_in_tokens=True, but tokenizer {config['tokenizer']!r} has no BOS token")
     writer = ckpt_io.Checkpoint(ckpt_io.rank_path(checkpoint, rank), fp, keep=True) if checkpoint else None
@@ -441,7 +471,7 @@ def _merge_ranks(result: EvalResult) -> None:
 
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, (result.per_document, result.elapsed_s, result.position_nll_nats,
-                                   result.position_count, result.resumed_documents))
+                                   result.position_count, result.resumed_documents, result.token_stats))
     by_index = {d.index: d for p in parts for d in p[0]}
     result.per_document = [by_index[i] for i in sorted(by_index)]
     result.totals = sum((d.totals for d in result.per_document), LossTotals())
@@ -449,6 +479,8 @@ def _merge_ranks(result: EvalResult) -> None:
     result.position_nll_nats = [sum(v) for v in zip(*(p[2] for p in parts))]
     result.position_count = [sum(v) for v in zip(*(p[3] for p in parts))]
     result.resumed_documents = sum(p[4] for p in parts)
+    if result.token_stats is not None:
+        result.token_stats = merge_token_stats([p[5] for p in parts])
 
 
 def _score(model, tokenizer, documents, mine, done, config, start, *, batch_size, head_impl, keep_token_nll,
@@ -489,6 +521,8 @@ def _run(model, documents, tokens, windows, config, start, *, counts, batch_size
                              f"{counts[k]} (bytes, words, chars) for it: the checkpoint does not belong to "
                              "this corpus and plan; delete it to start over")
     skip = frozenset(i for k in done for i in doc_windows[k])
+    stats = StatsSums() if config["token_stats"] else None
+    columns: list = [None] * len(windows)
     pending = [len(mine) for mine in doc_windows]  # windows left per document
     window_nll = [0.0] * len(windows)
     per_token: list = [None] * len(windows)
@@ -506,6 +540,8 @@ def _run(model, documents, tokens, windows, config, start, *, counts, batch_size
     if config["bos_in_tokens"]:
         notes.append(f"each document's token list starts with BOS (id {next((t[0] for t in tokens if len(t)), '-')}), which is "
                      "scored where a window predicts it")
+    if done and config["token_stats"]:
+        notes.append("token statistics cover the tokens scored in this call, not the restored documents")
     if done:
         notes.append(f"{len(done)} documents restored from a checkpoint: their sums are in the totals, "
                      "their tokens are not in the per-position sums or the per-token NLL")
@@ -530,11 +566,16 @@ def _run(model, documents, tokens, windows, config, start, *, counts, batch_size
     for doc in range(n_docs):
         if pending[doc] == 0 and doc not in done:  # an empty document: nothing to score, still a row
             finish(doc)
-    for idx, nlls in score_windows(model, tokens, windows, batch_size=batch_size, head_impl=head_impl,
-                                   skip=skip):
-        for i, nll in zip(idx, nlls):
+    for idx, outs in score_windows(model, tokens, windows, batch_size=batch_size, head_impl=head_impl,
+                                   skip=skip, stats=stats is not None):
+        for i, out in zip(idx, outs):
             if i in skip:
                 continue
+            nll = out.nll if stats is not None else out
+            if stats is not None:
+                stats.add(out)
+                if keep_token_nll:
+                    columns[i] = out
             w = windows[i]
             nll64 = nll.double()
             window_nll[i] = nll64.sum().item()
@@ -557,5 +598,50 @@ def _run(model, documents, tokens, windows, config, start, *, counts, batch_size
     if keep_token_nll:
         token_nll = {doc_ids[d]: torch.cat([per_token[i] for i in doc_windows[d]]) if doc_windows[d]
                      else torch.zeros(0) for d in range(n_docs) if d not in done}
+    token_columns = None
+    if keep_token_nll and stats is not None:
+        token_columns = {doc_ids[d]: {name: torch.cat([getattr(columns[i], name) for i in doc_windows[d]])
+                                      for name in ("entropy", "rank", "argmax")}
+                         for d in range(n_docs) if d not in done and doc_windows[d]}
     return EvalResult(totals, results, config, list(windows), window_nll, pos_sum.tolist(), pos_count.tolist(),
-                      token_nll, elapsed, notes, resumed_documents=len(done))
+                      token_nll, elapsed, notes, resumed_documents=len(done),
+                      token_stats=stats.to_dict() if stats is not None else None, token_columns=token_columns)
+
+
+RANK_BUCKETS = ((0, 1, "0"), (1, 2, "1"), (2, 5, "2-4"), (5, 10, "5-9"), (10, 100, "10-99"),
+                (100, 1000, "100-999"), (1000, None, ">=1000"))
+
+
+class StatsSums:
+    """Float64 entropy sum, top-1 count and target-rank histogram over scored tokens."""
+
+    def __init__(self):
+        self.n_tokens, self.entropy_nats, self.top1 = 0, 0.0, 0
+        self.rank_counts = {label: 0 for _, _, label in RANK_BUCKETS}
+
+    def add(self, s: TokenStats) -> None:
+        self.n_tokens += s.rank.numel()
+        self.entropy_nats += s.entropy.double().sum().item()
+        self.top1 += int((s.rank == 0).sum())
+        for lo, hi, label in RANK_BUCKETS:
+            self.rank_counts[label] += int(((s.rank >= lo) & (s.rank < hi if hi else True)).sum())
+
+    def to_dict(self) -> dict:
+        """The sums, and the means they give: mean_entropy_nats = entropy_nats / n_tokens,
+        top1_accuracy = top1 / n_tokens."""
+        n = self.n_tokens
+        return dict(n_tokens=n, entropy_nats=self.entropy_nats, top1=self.top1, rank_counts=dict(self.rank_counts),
+                    mean_entropy_nats=self.entropy_nats / n if n else math.nan,
+                    top1_accuracy=self.top1 / n if n else math.nan)
+
+
+def merge_token_stats(parts: Sequence[dict]) -> dict:
+    """Several StatsSums.to_dict() (ranks, corpora) as one."""
+    total = StatsSums()
+    for p in parts:
+        total.n_tokens += p["n_tokens"]
+        total.entropy_nats += p["entropy_nats"]
+        total.top1 += p["top1"]
+        for k, v in p["rank_counts"].items():
+            total.rank_counts[k] += v
+    return total.to_dict()

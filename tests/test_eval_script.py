@@ -308,3 +308,35 @@ def test_resume_works_across_corpora(base_args, tmp_path, monkeypatch):
     assert [c["config"]["resolved"]["resumed_documents"] for c in again["corpora"]] == [3, 1]
     assert [c["documents"] for c in again["corpora"]] == [c["documents"] for c in full["corpora"]]
     assert again["pooled"] == full["pooled"] and not list(tmp_path.glob("r.json.partial*"))
+
+
+def test_token_stats_table_json_and_npz_columns(base_args, tmp_path, capsys):
+    out, npz = tmp_path / "r.json", tmp_path / "t.npz"
+    rc = eval_script.main(base_args + ["--preset", "lm-eval", "--max-length", "64", "--limit", "2", "--token-stats",
+                                       "--output", str(out), "--token-nll", str(npz)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    st = json.loads(out.read_text())["token_stats"]
+    assert st["n_tokens"] == json.loads(out.read_text())["totals"]["n_tokens"]
+    assert st["mean_entropy_nats"] == pytest.approx(st["entropy_nats"] / st["n_tokens"])
+    assert sum(st["rank_counts"].values()) == st["n_tokens"] and st["rank_counts"]["0"] == st["top1"]
+    assert f"top1 / n_tokens = {st['top1']} / {st['n_tokens']}" in printed
+    import numpy as np
+
+    dumped = np.load(npz)
+    for i in (0, 1):
+        n = dumped[f"doc_{i}"].shape
+        assert dumped[f"doc_{i}_entropy"].shape == dumped[f"doc_{i}_rank"].shape == dumped[f"doc_{i}_argmax"].shape == n
+    assert sum(int((dumped[f"doc_{i}_rank"] == 0).sum()) for i in (0, 1)) == st["top1"]
+
+
+def test_chunks_options_need_the_chunks_plan(capsys):
+    with pytest.raises(SystemExit):
+        eval_script.parse_args(["--chunks", "3"])
+    assert "--score-from and --chunks are for --plan chunks" in capsys.readouterr().err
+    args = eval_script.parse_args(["--preset", "llama.cpp", "--chunks", "3"])
+    assert (args.plan, args.form, args.max_length, args.score_from, args.add_bos, args.chunks) == \
+        ("chunks", "raw", 512, "half", "tokenizer", 3)
+    args = eval_script.parse_args(["--preset", "gptq"])
+    assert (args.plan, args.form, args.max_length, args.score_from, args.bos_every_window) == \
+        ("chunks", "stream", 2048, 0, False)
