@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import platform
 import sys
@@ -402,7 +403,8 @@ def chunk_numbers(result) -> dict:
     """Plan "chunks": what llama-perplexity and the GPTQ loop print, from the per-chunk sums.
 
     running_ppl[k] = exp(sum of the first k+1 chunks' nll / their tokens), llama.cpp's "[k]" values
-    (its last is its "Final estimate: PPL", = token_perplexity). gptq_ppl = exp(sum_i(loss_i * L) /
+    (its last is its "Final estimate: PPL", = token_perplexity); ppl_uncertainty its "+/-": PPL *
+    sqrt((mean(v^2) - mean(v)^2) / (N - 1)) over the N scored token NLLs v (tokens taken as independent). gptq_ppl = exp(sum_i(loss_i * L) /
     (n * L)), loss_i = chunk i's mean NLL, computed in float32 as GPTQ's code does; every chunk scores
     the same L - 1 - score_from tokens, so it equals token_perplexity up to that rounding. {} for other
     plans and for sharded runs (a process holds only its chunks)."""
@@ -416,8 +418,13 @@ def chunk_numbers(result) -> dict:
     L = cfg["max_length"]
     loss = (nll / n).astype(np.float32)
     gptq = float(np.exp((loss * np.float32(L)).sum(dtype=np.float32) / np.float32(len(loss) * L)))
+    N = n.sum()
+    mean, mean_sq = nll.sum() / N, float(np.sum(result.window_nll_sq)) / N
+    ppl = float(np.exp(mean))
+    spread = ppl * float(np.sqrt(max(mean_sq - mean * mean, 0.0) / (N - 1))) if N > 1 else math.nan
     return dict(n_chunks=len(nll), tokens_per_chunk=int(n[0]), chunk_nll_nats=nll.tolist(),
-                running_ppl=np.exp(np.cumsum(nll) / np.cumsum(n)).tolist(), gptq_ppl=gptq)
+                running_ppl=np.exp(np.cumsum(nll) / np.cumsum(n)).tolist(), ppl_uncertainty=spread,
+                nll_sq_nats=float(np.sum(result.window_nll_sq)), gptq_ppl=gptq)
 
 
 def report(args, result, ci: dict) -> None:
@@ -435,6 +442,9 @@ def report(args, result, ci: dict) -> None:
         shown = chunks["running_ppl"][:50]
         print(f"llama-perplexity's running PPL by chunk: " + ",".join(f"[{k}]{v:.4f}" for k, v in enumerate(shown, 1))
               + (f",... ({chunks['n_chunks']} chunks)" if len(shown) < chunks["n_chunks"] else ""))
+        print(f"llama-perplexity's Final estimate: PPL = {result.totals.token_perplexity:.4f} +/- "
+              f"{chunks['ppl_uncertainty']:.5f} (PPL * sqrt((sum v^2 / N - (sum v / N)^2) / (N - 1)), sum v^2 = "
+              f"{chunks['nll_sq_nats']:.4f}, N = {result.totals.n_tokens})")
         print(f"GPTQ loop's number: exp(sum_i(loss_i * {result.config['max_length']}) / ({chunks['n_chunks']} * "
               f"{result.config['max_length']})) = {chunks['gptq_ppl']:.6f} (float32, as its code sums), token-weighted "
               f"exp(nll_nats / n_tokens) = {result.totals.token_perplexity:.6f}: equal but for rounding, as every "

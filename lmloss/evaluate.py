@@ -87,6 +87,7 @@ class EvalResult:
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     resumed_documents: int = 0  # restored from the checkpoint, not scored in this call
+    window_nll_sq: list[float] = field(default_factory=list)  # per window, sum of squared token NLLs
     token_stats: dict | None = None  # with token_stats=True: sums over the tokens scored in this call
     token_columns: dict[int, dict[str, torch.Tensor]] | None = None  # entropy, rank, argmax per document
 
@@ -525,6 +526,7 @@ def _run(model, documents, tokens, windows, config, start, *, counts, batch_size
     columns: list = [None] * len(windows)
     pending = [len(mine) for mine in doc_windows]  # windows left per document
     window_nll = [0.0] * len(windows)
+    window_sq = [0.0] * len(windows)
     per_token: list = [None] * len(windows)
     pos_sum = torch.zeros(config["max_length"], dtype=torch.float64)  # by input position
     pos_count = torch.zeros(config["max_length"], dtype=torch.int64)
@@ -579,6 +581,7 @@ def _run(model, documents, tokens, windows, config, start, *, counts, batch_size
             w = windows[i]
             nll64 = nll.double()
             window_nll[i] = nll64.sum().item()
+            window_sq[i] = nll64.square().sum().item()
             if not math.isfinite(window_nll[i]):
                 raise ValueError(f"non-finite loss in document {doc_ids[w.doc]}, window {i} ({w}): check "
                                  "the model's logits (dtype overflow, NaN weights)")
@@ -605,7 +608,8 @@ def _run(model, documents, tokens, windows, config, start, *, counts, batch_size
                          for d in range(n_docs) if d not in done and doc_windows[d]}
     return EvalResult(totals, results, config, list(windows), window_nll, pos_sum.tolist(), pos_count.tolist(),
                       token_nll, elapsed, notes, resumed_documents=len(done),
-                      token_stats=stats.to_dict() if stats is not None else None, token_columns=token_columns)
+                      token_stats=stats.to_dict() if stats is not None else None, token_columns=token_columns,
+                      window_nll_sq=window_sq)
 
 
 RANK_BUCKETS = ((0, 1, "0"), (1, 2, "1"), (2, 5, "2-4"), (5, 10, "5-9"), (10, 100, "10-99"),

@@ -61,6 +61,16 @@ def llama_perplexity(model, tokens, n_ctx, n_chunks, add_bos):
     return nll, count
 
 
+def llama_token_nlls(model, tokens, n_ctx, n_chunks, add_bos):
+    out = []
+    for k in range(n_chunks):
+        chunk = list(tokens[k * n_ctx:(k + 1) * n_ctx])
+        chunk[0] = BOS if add_bos else chunk[0]
+        logp = _logp(model, chunk)
+        out += [-logp[j, chunk[j + 1]].item() for j in range(n_ctx // 2, n_ctx - 1)]
+    return out
+
+
 def gptq_loop(model, tokens, seqlen):
     """GPTQ's llama.py eval: model(chunk) with labels = the chunk, loss * seqlen summed."""
     nsamples = len(tokens) // seqlen
@@ -92,7 +102,12 @@ def test_llama_cpp_convention_matches_an_independent_loop(model, add_bos):
     assert result.totals.n_bytes == sum(len(s) for s in spans) == 75
     assert result.totals.n_chars == sum(sum(1 for c in s if c & 0xC0 != 0x80) for s in spans)
     assert result.totals.n_words == 0 and "word_perplexity" not in result.metrics()
-    running = chunk_numbers(result)["running_ppl"]
+    numbers = chunk_numbers(result)
+    v = llama_token_nlls(model, tokens, 32, 5, add_bos)
+    N, mean = len(v), sum(v) / len(v)
+    spread = math.exp(mean) * math.sqrt((sum(x * x for x in v) / N - mean * mean) / (N - 1))
+    assert numbers["ppl_uncertainty"] == pytest.approx(spread, rel=1e-5)
+    running = numbers["running_ppl"]
     assert running[-1] == pytest.approx(result.totals.token_perplexity, rel=1e-12)
     first_chunk = llama_perplexity(model, tokens, n_ctx=32, n_chunks=1, add_bos=add_bos)
     assert running[0] == pytest.approx(math.exp(first_chunk[0] / first_chunk[1]), rel=1e-6)
