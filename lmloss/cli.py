@@ -2,6 +2,8 @@
 
     lmloss eval --model gpt2 --dataset wikitext
     lmloss compare-tokenizers --tokenizers gpt2,cl100k_base --dataset wikitext
+    lmloss compare-models --reference A --model B --dataset wikitext    # KL divergence
+    lmloss compare-models --models A,B,C --dataset wikitext             # paired bits per byte
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ __all__ = ["main", "run_reporting_errors"]
 COMMANDS = {  # name -> (module, what it does)
     "eval": ("lmloss.cli_eval", "evaluate a model on a corpus: perplexities and bits per byte"),
     "compare-tokenizers": ("lmloss.cli_compare", "compare tokenizers (and models) on corpora"),
+    "compare-models": ("lmloss.cli_compare_models", "compare models: KL against a reference, paired bits per byte"),
 }
 
 
