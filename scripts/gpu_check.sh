@@ -10,8 +10,11 @@
 #       .devassets/corpora/ && cp -r ../shared/assets/tokenizers/hf-gpt2 .devassets/tokenizers/
 #   pip download --no-deps --only-binary=:all: -d .whl cut-cross-entropy==25.1.1 liger-kernel==0.8.5
 #   printf '/.devassets/\n/.whl/\n' >> .git/info/exclude
-# Sections run in order of importance, each under its own time limit and all under GPU_CHECK_BUDGET_S,
-# so a slow one cannot starve the rest of its log.
+# Sections run in order of importance, each under its own time limit and all under GPU_CHECK_BUDGET_S
+# (default 420 s, so that the whole run, with installs, fits a 15-minute lease), so a slow one cannot
+# starve the rest of its log. First the fused linear cross-entropy's Triton backward: its CUDA tests, the
+# bf16 forward+backward benchmark (lmloss vs torch.compile vs CCE vs Liger at V=50257 and 262144, with
+# peak memory beyond the gradients as a share of the logits), its tile sweep; then everything else.
 # GPU_CHECK_SECTIONS="tests linear_bf16" runs only those; GPU_CHECK_NO_COMPILE=1 leaves out torch.compile.
 set -u
 OUT=${OUT:-/tmp/lmloss-gpu}
@@ -23,7 +26,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-deadline=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-540} ))
+deadline=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-420} ))
 
 section() {  # section NAME MAX_SECONDS COMMAND...: output to the terminal and $OUT/NAME.log
     local name=$1 cap=$2 left
@@ -39,16 +42,22 @@ section() {  # section NAME MAX_SECONDS COMMAND...: output to the terminal and $
     echo "=== $name rc=$rc $(date +%T)"
 }
 
-section env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv;
+section env 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv;
     python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__,
     torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")";
     python3 -c "import cut_cross_entropy, liger_kernel; print(\"cce and liger importable\")"'
-TAIL_LINES=40 section tests 170 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_cuda.py \
-    tests/test_ops.py tests/test_linear.py
+TAIL_LINES=30 section linear_tests 130 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_linear.py \
+    tests/test_cuda.py -k linear
+TAIL_LINES=30 section linear_bf16 150 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 --modes fwd+bwd \
+    --methods lmloss "torch.compile(mm+F.ce)" cce liger ${GPU_CHECK_NO_COMPILE:+--no-compile}
+TAIL_LINES=20 section kl_stats_tests 90 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_kl.py \
+    tests/test_token_stats.py
+TAIL_LINES=20 section linear_bwd_tiles 60 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 \
+    --sweep-backward --vocab 50257
+TAIL_LINES=40 section tests 150 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_cuda.py \
+    tests/test_ops.py -k "not linear"
 TAIL_LINES=40 section tests_triton_ops 90 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_ops.py \
     -k "triton and not interpreter"
-section linear_bf16 150 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 \
-    ${GPU_CHECK_NO_COMPILE:+--no-compile}
 section eval_gpt2 90 python3 scripts/bench_eval.py --cuda --cuda-tokens 131072
 section linear_fp32 100 python3 scripts/bench_linear_nll.py --device cuda --dtype float32 --no-compile
 section token_nll 90 python3 scripts/bench_token_nll.py --device cuda --no-compile \

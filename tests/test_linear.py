@@ -268,6 +268,109 @@ def test_triton_kernel_in_interpreter():
     assert run.returncode == 0 and "triton ok" in run.stdout, run.stderr[-3000:]
 
 
+_TRITON_BACKWARD_SCRIPT = textwrap.dedent("""
+    import torch, torch.nn.functional as F, lmloss, test_linear as T
+    from lmloss.ops import linear_triton as lt
+
+    def grads64(hidden, weight, b, targets, softcap, reduction, g, ignore_index):
+        # float64 autograd of F.cross_entropy((h @ W.T + b), t), independent of lmloss
+        leaves = [x.double().requires_grad_() for x in (hidden, weight) + ((b,) if b is not None else ())]
+        z = leaves[0] @ leaves[1].T + (leaves[2] if b is not None else 0.0)
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        loss = F.cross_entropy(z, targets, ignore_index=ignore_index, reduction=reduction)
+        (loss * g).sum().backward() if reduction == "none" else loss.backward()
+        return [x.grad for x in leaves]
+
+    def grads_torch(hidden, weight, b, targets, softcap, reduction, g, ignore_index):
+        # plain PyTorch in the inputs' dtype: logits rounded to it, their gradient too
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight) + ((b,) if b is not None else ())]
+        z = leaves[0] @ leaves[1].T
+        z = (z + leaves[2] if b is not None else z).float()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        loss = F.cross_entropy(z, targets, ignore_index=ignore_index, reduction=reduction)
+        (loss * g.float()).sum().backward() if reduction == "none" else loss.backward()
+        return [x.grad for x in leaves]
+
+    N, d, V = 37, 24, 101  # odd everywhere: partial row, vocabulary and d blocks
+    cases = [  # dtype, bias, softcap, reduction, ignore_index, config, group_rows
+        (torch.float32, True, None, "none", -100, None, None),
+        (torch.float32, True, 3.0, "mean", -100, (16, 16, 16, 1, 1), 16),  # 3 groups of one row block
+        (torch.float32, False, 3.0, "sum", 7, (32, 16, 32, 1, 1), None),  # BLOCK_K > d; ignore_index a real id
+        (torch.bfloat16, True, None, "sum", -100, None, None),
+        (torch.bfloat16, False, 3.0, "none", -100, (16, 64, 16, 2, 2), 32),
+        (torch.float16, True, 3.0, "none", -100, None, None),
+    ]
+    for dtype, bias, softcap, reduction, ignore_index, config, group_rows in cases:
+        hidden, weight, b, targets = T.make(N, d, V, dtype=dtype, bias=bias, n_ignored=4, scale=3.0)
+        targets[targets == -100] = ignore_index
+        targets[:3] = ignore_index
+        g = torch.rand(N, dtype=torch.float64)
+        before = [x.clone() for x in (hidden, weight, targets) + ((b,) if bias else ())]
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight) + ((b,) if bias else ())]
+        if config is None and group_rows is None:  # the public path
+            out = lmloss.linear_cross_entropy(leaves[0], leaves[1], targets, bias=leaves[2] if bias else None,
+                                              softcap=softcap, reduction=reduction, ignore_index=ignore_index,
+                                              impl="triton")
+            (out * g.float()).sum().backward() if reduction == "none" else out.backward()
+            mine = [x.grad for x in leaves]
+        else:  # the launcher, with tile configurations and L2 groups passed as data
+            lse, _ = lt.linear_lse_target(hidden, weight, targets, b, softcap=softcap)
+            keep = targets != ignore_index
+            upstream = {"none": g.float(), "sum": torch.ones(N), "mean": torch.full((N,), 1.0 / int(keep.sum()))}
+            dh, dw, db = lt.linear_backward(hidden, weight, targets, b, lse, torch.where(keep, upstream[reduction], 0.0),
+                                            softcap=softcap, want_b=bias, config=config, group_rows=group_rows)
+            mine = [dh, dw] + ([db] if bias else [])
+        assert all(torch.equal(x, y) for x, y in zip((hidden, weight, targets) + ((b,) if bias else ()), before))
+        ref = grads64(hidden, weight, b, targets, softcap, reduction, g, ignore_index)
+        plain = grads_torch(hidden, weight, b, targets, softcap, reduction, g, ignore_index)
+        for name, m, r, p in zip(("dh", "dW", "dbias"), mine, ref, plain):
+            assert m.dtype == dtype and m.shape == r.shape, (name, m.dtype, m.shape)
+            scale = r.abs().max().item()
+            err = (m.double() - r).abs().max().item()
+            if dtype == torch.float32:
+                assert err <= 1e-5 * scale, (dtype, name, err, scale)
+            else:  # CCE's rule: no worse than PyTorch in the same dtype, up to half an ulp of the largest
+                err_torch = (p.double() - r).abs().max().item()
+                assert err <= err_torch + torch.finfo(dtype).eps / 2 * scale, (dtype, name, err, err_torch, scale)
+        assert mine[0][:3].abs().max() == 0  # ignored rows get no gradient
+        print(dtype, bias, softcap, reduction, "ok", flush=True)
+
+    # gradients asked for one input at a time; every target ignored
+    hidden, weight, b, targets = T.make(N, d, V, bias=True, n_ignored=0)
+    lse, _ = lt.linear_lse_target(hidden, weight, targets, b)
+    g = torch.rand(N)
+    full = lt.linear_backward(hidden, weight, targets, b, lse, g, want_b=True)
+    only_h = lt.linear_backward(hidden, weight, targets, b, lse, g, want_w=False)
+    only_w = lt.linear_backward(hidden, weight, targets, b, lse, g, want_h=False)
+    assert only_h[1] is None and only_h[2] is None and torch.allclose(only_h[0], full[0], rtol=1e-6, atol=1e-7)
+    assert only_w[0] is None and only_w[2] is None and torch.allclose(only_w[1], full[1], rtol=1e-6, atol=1e-7)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    lmloss.linear_cross_entropy(h, w, torch.full((N,), -100), reduction="sum", impl="triton").backward()
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+    # (B, T, d) hidden sliced [:, :-1]: a non-contiguous input, a gradient of its shape
+    h3 = hidden.reshape(1, N, d)[:, :-1].clone().requires_grad_()
+    lmloss.linear_cross_entropy(h3[:, :], weight, targets[None, :-1], impl="triton").backward()
+    assert h3.grad.shape == (1, N - 1, d) and h3.grad.isfinite().all()
+    print("triton backward ok")
+""")
+
+
+def test_triton_backward_in_interpreter():
+    """The Triton backward on the CPU (TRITON_INTERPRET=1) against float64 autograd of
+    F.cross_entropy(h @ W.T + b, t): dh, dW, dbias with softcap, ignore_index (a real token id
+    too), reductions "none" (random upstream grad), "sum" and "mean", float32 / bfloat16 / float16,
+    tile configurations with partial blocks everywhere and several L2 groups."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", _TRITON_BACKWARD_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0 and "triton backward ok" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
+
+
 def test_auto_on_cuda_without_triton_falls_back_to_chunked(monkeypatch):
     """A CUDA tensor where triton does not import, as far as a CPU can play it: every dispatcher's rule
     sees a CUDA device and `import triton` fails. "auto" takes the chunked path (no ImportError), in
@@ -330,3 +433,63 @@ def test_logit_jumping_far_above_earlier_blocks(dtype):
                                     softcap=500.0, chunk_size=256)
     torch.testing.assert_close(out_b.double(), reference_nll(hidden, weight, targets, softcap=500.0),
                                rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("V", [50257, 262144])
+def test_triton_backward_on_cuda_at_scale(V):
+    """bf16 N=8192, d=768: the Triton backward's dh and dW against float32 PyTorch (the float32
+    logits' own gradient), no worse than bf16 PyTorch up to one bf16 ulp of the largest entry; two runs
+    agree to a bf16 ulp (the float32 atomics sum in a varying order)."""
+    N, d = 8192, 768
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(N, d, device="cuda", generator=g).bfloat16()
+    weight = (torch.randn(V, d, device="cuda", generator=g) * (3 / math.sqrt(d))).bfloat16()
+    targets = torch.randint(0, V, (N,), device="cuda", generator=g)
+    targets[::97] = -100
+
+    def grads(fn, h, w):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(h, w)
+        loss.backward()
+        return loss.detach().double(), h.grad, w.grad
+
+    ce = lambda h, w: F.cross_entropy((h @ w.T).float(), targets)  # noqa: E731
+    ref_loss, ref_dh, ref_dw = grads(ce, hidden.float(), weight.float())
+    _, torch_dh, torch_dw = grads(ce, hidden, weight)
+    mine = [grads(lambda h, w: lmloss.linear_cross_entropy(h, w, targets, impl="triton"), hidden, weight)
+            for _ in range(2)]
+    assert abs(mine[0][0] - ref_loss) <= 1e-4 * ref_loss
+    for (_, dh, dw), again in zip(mine, (mine[1], mine[0])):
+        for name, got, ref, plain, rerun in (("dh", dh, ref_dh, torch_dh, again[1]),
+                                             ("dW", dw, ref_dw, torch_dw, again[2])):
+            assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+            scale = ref.abs().max().item()
+            err = (got.float() - ref).abs().max().item()
+            err_torch = (plain.float() - ref).abs().max().item()
+            assert err <= err_torch + 2**-8 * scale, (name, err, err_torch, scale)
+            torch.testing.assert_close(got, rerun, rtol=2**-7, atol=1e-6 * scale)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_on_cuda_bias_softcap_random_grad(dtype):
+    """d=768 (twelve BLOCK_K steps), bias, softcap 30, reduction="none" with a random upstream grad,
+    against float64 autograd on the GPU."""
+    hidden, weight, b, targets = make(1000, 768, 50257, dtype=dtype, bias=True, n_ignored=9, scale=10.0)
+    upstream = torch.rand(1000, dtype=torch.float64, device="cuda")
+    leaves64 = [x.cuda().double().requires_grad_() for x in (hidden, weight, b)]
+    z = 30.0 * torch.tanh((leaves64[0] @ leaves64[1].T + leaves64[2]) / 30.0)
+    (F.cross_entropy(z, targets.cuda(), reduction="none") * upstream).sum().backward()
+    leaves = [x.cuda().requires_grad_() for x in (hidden, weight, b)]
+    nll = lmloss.linear_cross_entropy(leaves[0], leaves[1], targets.cuda(), bias=leaves[2], softcap=30.0,
+                                      reduction="none", impl="triton")
+    (nll * upstream.float()).sum().backward()
+    tol = dict(rtol=1e-4, atol=0) if dtype == torch.float32 else dict(rtol=2e-2, atol=0)  # as tests/test_cuda.py
+    for name, got, ref in zip(("dh", "dW", "dbias"), leaves, leaves64):
+        assert got.grad.dtype == dtype, name
+        scale = ref.grad.abs().max().item()
+        err = (got.grad.double() - ref.grad).abs().max().item()
+        assert err <= tol["rtol"] * scale, (name, err, scale)

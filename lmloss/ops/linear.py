@@ -1,7 +1,8 @@
 """Fused linear cross-entropy: per-token NLL from hidden states and the output head, never
 building the (N, V) logits. Cut Cross-Entropy (Wijmans et al., 2024, arXiv:2411.09009) showed
 the loss needs only one tile of them at a time; this is that idea on the CPU (torch matmuls into
-one reused tile) and on CUDA (lmloss/ops/linear_triton.py, the tile never leaves the chip).
+one reused tile) and on CUDA (lmloss/ops/linear_triton.py: forward and backward, where neither the
+tile of logits nor the tile of their gradient leaves the chip).
 
 The identities everything here relies on, per row n, over vocabulary blocks b:
     z = h @ W.T + bias                           # logits, one (rows, cols) tile at a time
@@ -33,8 +34,9 @@ def linear_token_nll(hidden, weight, targets, *, bias=None, ignore_index=-100, s
     hidden (..., d) float; weight (V, d) same dtype; bias (V,) or None; targets (...) int64
     -> (...) float32 (float64 for float64 inputs), 0.0 where ignored.
     chunk_size: vocabulary entries per block (default 2048); one block of logits for at most
-    8192 rows (64 MiB) exists at a time. impl: "auto" (Triton on CUDA when triton imports, else "chunked"),
-    "chunked" (torch matmuls, any device) or "triton". Never writes to its inputs."""
+    8192 rows (64 MiB) exists at a time (chunked path; the Triton path keeps its tiles on chip).
+    impl: "auto" (Triton on CUDA when triton imports, else "chunked"), "chunked" (torch matmuls, any
+    device) or "triton". Never writes to its inputs."""
     h2, t1 = _check(hidden, weight, targets, bias, ignore_index, softcap)
     with torch.no_grad():
         nll = _nll(*_forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl), t1,
@@ -50,7 +52,11 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
     from the saved per-row log-sum-exp; gradients for hidden, weight and bias are accumulated
     in float32 and returned in their input dtype. Nothing of size N x V is kept.
     reduction: "mean" (over non-ignored tokens; NaN when all are ignored, like torch), "sum",
-    or "none" (shape of targets). impl as in linear_token_nll (the backward is always chunked)."""
+    or "none" (shape of targets). impl as in linear_token_nll, for the forward and the backward
+    alike: "triton" (the default on CUDA) rebuilds each tile of logits and of their gradient in
+    registers and adds its products into float32 dh / dW with atomics (summation order varies
+    from run to run: float32 rounding, not bitwise reproducible); "chunked" builds one 64 MiB tile
+    at a time with torch matmuls (the CPU path; deterministic)."""
     check_reduction(reduction)
     h2, t1 = _check(hidden, weight, targets, bias, ignore_index, softcap)
     nll = _LinearNLL.apply(h2, weight, bias, t1, ignore_index, softcap, chunk_size, impl)
@@ -58,22 +64,25 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
 
 
 class _LinearNLL(torch.autograd.Function):
-    """Per-token NLL (N,) with a chunked backward; reductions are plain torch ops outside."""
+    """Per-token NLL (N,); the backward takes the forward's implementation (Triton or chunked).
+    Reductions are plain torch ops outside."""
 
     @staticmethod
     def forward(ctx, h2, weight, bias, t1, ignore_index, softcap, chunk_size, impl):
-        lse, target_logit = _forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl)
+        name = choose_impl(impl, h2.device, _FORWARDS)
+        lse, target_logit = _FORWARDS[name](h2, weight, t1, bias, ignore_index, softcap, chunk_size)
         ctx.save_for_backward(h2, weight, bias, t1, lse)
-        ctx.options = (ignore_index, softcap, chunk_size)
+        ctx.options = (ignore_index, softcap, chunk_size, name)
         return _nll(lse, target_logit, t1, ignore_index, h2.dtype)
 
     @staticmethod
     def backward(ctx, grad_nll):
         h2, weight, bias, t1, lse = ctx.saved_tensors
-        ignore_index, softcap, chunk_size = ctx.options
+        ignore_index, softcap, chunk_size, name = ctx.options
         want = ctx.needs_input_grad
-        grads = _backward_chunked(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap,
-                                  chunk_size, want[0], want[1], bias is not None and want[2])
+        backward = {"chunked": _backward_chunked, "triton": _backward_triton}[name]
+        grads = backward(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap,
+                         chunk_size, want[0], want[1], bias is not None and want[2])
         return (*grads, None, None, None, None, None)
 
 
@@ -118,17 +127,31 @@ def _check(hidden, weight, targets, bias, ignore_index, softcap):
 def _forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl):
     """-> (lse, target_logit), (N,) each: target_logit in the compute dtype, lse in it or float64.
     impl "auto" follows token_nll's rule (choose_impl): Triton on CUDA when triton imports, else chunked."""
-    impls = {"chunked": _forward_chunked, "triton": _forward_triton}
-    return impls[choose_impl(impl, h2.device, impls)](h2, weight, t1, bias, ignore_index, softcap, chunk_size)
+    name = choose_impl(impl, h2.device, _FORWARDS)
+    return _FORWARDS[name](h2, weight, t1, bias, ignore_index, softcap, chunk_size)
 
 
-def _forward_triton(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
+def _linear_triton():
+    """lmloss.ops.linear_triton, imported where used, with the install hint when triton is missing."""
     try:
-        from lmloss.ops.linear_triton import linear_lse_target
+        from lmloss.ops import linear_triton
     except ImportError as e:
         raise ImportError(f"impl='triton' needs triton ({e}); pip install 'lmloss[triton]', "
                           "or use impl='chunked'") from e
-    return linear_lse_target(h2, weight, t1, bias, softcap=softcap)
+    return linear_triton
+
+
+def _forward_triton(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
+    return _linear_triton().linear_lse_target(h2, weight, t1, bias, softcap=softcap)
+
+
+def _backward_triton(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap, chunk_size,
+                     want_h, want_w, want_b):
+    """The Triton backward (lmloss/ops/linear_triton.py): each tile of logits rebuilt from h and W,
+    dz formed in registers, dh / dW / dbias summed in float32. grad_nll is 0 on ignored rows."""
+    g = torch.where(t1 == ignore_index, 0.0, grad_nll.float())  # (N,), contiguous even if grad is expanded
+    return _linear_triton().linear_backward(h2, weight, t1, bias, lse, g, softcap=softcap, want_h=want_h,
+                                            want_w=want_w, want_b=want_b)
 
 
 def _nll(lse, target_logit, t1, ignore_index, dtype):
@@ -204,6 +227,8 @@ def _forward_chunked(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
     parallel_rows(row_range, N, rows, h2.device)
     return lse, target_logit
 
+
+_FORWARDS = {"chunked": _forward_chunked, "triton": _forward_triton}  # impl name -> forward
 
 def _fold_block(h, w_block, b_block, softcap, buf, t, c0, L, target_logit, *, first):
     """Fold the vocabulary block [c0, c0 + cols) of rows h into their running lse L (float64, in

@@ -1,14 +1,41 @@
-"""Triton forward of the fused linear cross-entropy (see lmloss/ops/linear.py for the contract).
+"""Triton forward and backward of the fused linear cross-entropy (see lmloss/ops/linear.py for the
+contract). Neither ever writes a tile of logits, or of their gradient, to memory.
 
-Each program owns BLOCK_M rows and one slice of the vocabulary. For every BLOCK_N columns of its
-slice it builds the (BLOCK_M, BLOCK_N) tile of logits with tl.dot over d in BLOCK_K steps; the
+Forward. Each program owns BLOCK_M rows and one slice of the vocabulary. For every BLOCK_N columns of
+its slice it builds the (BLOCK_M, BLOCK_N) tile of logits with tl.dot over d in BLOCK_K steps; the
 tile lives in registers only, is folded into an online log-sum-exp, and is dropped:
     lse_slice = m + log(sum(exp(z - m)))                    # per row, over the program's slice
     lse = logsumexp over slices                             # (N, SPLITS) -> (N,), in torch
     z[target] = sum over slices of the tile entry at target (exactly one slice holds it)
 Splitting the vocabulary gives the GPU enough programs when N is small; the partial results are
-only (N, SPLITS) floats. Offsets are int64 so N * d and V * d beyond 2**31 work.
-Tested on the CPU with TRITON_INTERPRET=1 (set before triton is imported).
+only (N, SPLITS) floats.
+
+Backward (Cut Cross-Entropy's scheme, Wijmans et al. 2024, arXiv:2411.09009 Sec. 4.2). Each program
+owns one (BLOCK_M rows, BLOCK_N vocabulary) tile. It rebuilds the tile of logits as the forward
+does, turns it into the tile of dz in registers and sends dz's products straight to float32
+accumulators in global memory:
+    dz = (exp(z - lse) - onehot(target)) * g          # g: upstream grad, 0 where ignored
+    dz *= 1 - (z / softcap)^2                         # softcap: d(c tanh(x/c))/dx, z already capped
+    dh[rows]  += dz @ W[cols]                         # (BLOCK_M, d), BLOCK_K columns at a time
+    dW[cols]  += dz.T @ h[rows]                       # (BLOCK_N, d)
+    dbias[cols] += dz.sum(0)
+Every tile adds into rows of dh that other vocabulary blocks also add into (and into rows of dW
+that other row blocks add into), so the adds are float32 atomics (relaxed: only the final sums are
+read, after the kernel). No program can keep a (BLOCK_M, d) or (BLOCK_N, d) accumulator on chip at
+d = 768 and up, which is what rules out an atomics-free split into a row-parallel dh kernel and a
+vocabulary-parallel dW kernel without recomputing each tile of logits d / BLOCK_K times.
+Cost: 3 products of N x V x d (the tile, dh, dW) and N * V * d * (1/BLOCK_M + 1/BLOCK_N) float32
+atomic adds, which land in L2: the tiles run row-block-fastest within groups of rows whose h and
+float32 dh fit in L2 (group_rows), so each block of W is read from memory once per group while its
+rows of dW collect the adds of the whole group.
+Determinism: the float32 sums are exact to float32 rounding, in an order that varies from run to
+run (differences near 1e-7 relative, rarely a bf16 last bit after the final cast). No tiles are
+skipped (CCE's gradient filtering is not used): the gradient is exact for any distribution.
+Memory beyond the returned gradients: the float32 accumulators, N x d and V x d (weight-sized,
+not logits-sized), and (N,) vectors; nothing N x V.
+
+Offsets are int64 so N * d and V * d beyond 2**31 work. Tested on the CPU with TRITON_INTERPRET=1
+(set before triton is imported).
 """
 import torch
 import triton
@@ -127,3 +154,138 @@ def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None, config=None, p
         PRECISION=precision, UPCAST=not h2.is_cuda,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return torch.logsumexp(lse_parts, dim=1), tgt_parts.sum(dim=1)
+
+
+@triton.jit
+def _linear_ce_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
+                               N, V, D, stride_h, stride_w, softcap, group_m,
+                               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_H: tl.constexpr,
+                               WANT_W: tl.constexpr, WANT_B: tl.constexpr, PRECISION: tl.constexpr,
+                               UPCAST: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # 0. This program's tile. Within a group of group_m row blocks the row block runs fastest, so the
+    #    programs on the GPU at one time share a few blocks of W (read once) and the group's h and dh
+    #    stay in L2 while every vocabulary block passes by.
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(N, BLOCK_M)
+    per_group = group_m * tl.cdiv(V, BLOCK_N)
+    first_m = (pid // per_group) * group_m
+    size_m = tl.minimum(n_row_blocks - first_m, group_m)
+    local = pid % per_group
+    pid_m = first_m + local % size_m
+    pid_n = local // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    col_ok = cols < V
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    h_rows = h_ptr + rows64[:, None] * stride_h  # (BLOCK_M, 1) row starts
+    w_rows = w_ptr + cols64[:, None] * stride_w  # (BLOCK_N, 1)
+    # 1. z = h @ W.T for this tile, exactly as the forward built it (fp32 accumulation)
+    z = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = (k0 + ks) < D
+        h = tl.load(h_rows + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + (k0 + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:  # interpreter only: its bf16 tl.dot multiplies bit patterns (triton-lang/triton#11584)
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:  # softcap * tanh(z / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1), as in the forward
+        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+    # 2. dz = (softmax - onehot) * g in registers. g = 0 on ignored rows (and rows past N); the where
+    #    also keeps an overflowing exp on such rows, or on columns past V, out of the sums.
+    lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
+    g = tl.load(g_ptr + rows64, mask=row_ok, other=0.0)
+    target = tl.load(t_ptr + rows64, mask=row_ok, other=-1)
+    dz = (tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * g[:, None]
+    if HAS_SOFTCAP:  # chain rule through the cap: 1 - tanh^2, tanh = z / softcap
+        dz *= 1.0 - (z / softcap) * (z / softcap)
+    dz = tl.where((g != 0.0)[:, None] & col_ok[None, :], dz, 0.0)
+    if WANT_B:
+        tl.atomic_add(db_ptr + cols64, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
+    # 3. dh[rows] += dz @ W[cols] and dW[cols] += dz.T @ h[rows], BLOCK_K columns of d at a time; dz
+    #    enters the products in the inputs' dtype (bf16 x bf16 -> fp32 on the tensor cores), as
+    #    torch's own backward rounds the logits' gradient to the logits' dtype.
+    dz_op = dz.to(h_ptr.dtype.element_ty)
+    if UPCAST:
+        dz_op = dz_op.to(tl.float32)
+    dz_t = tl.trans(dz_op)  # (BLOCK_N, BLOCK_M)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + ks
+        k_ok = kk < D
+        if WANT_H:
+            w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            tl.atomic_add(dh_ptr + rows64[:, None] * D + kk[None, :],
+                          tl.dot(dz_op, w, input_precision=PRECISION),
+                          mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
+        if WANT_W:
+            h = tl.load(h_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+            tl.atomic_add(dw_ptr + cols64[:, None] * D + kk[None, :],
+                          tl.dot(dz_t, h, input_precision=PRECISION),
+                          mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
+
+
+# Rows per group of the backward (see _linear_ce_backward_kernel, step 0): the group's h and float32 dh
+# take at most this much of L2 (50 MiB on an H100 / H200), leaving the rest to W's and dW's blocks.
+_GROUP_L2_BYTES = 24 << 20
+
+
+def default_backward_config(h2, precision: str) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the backward. Compiled ahead of time for
+    sm_90 with Triton 3.6 and 3.9 (ptxas, no GPU): bf16/fp16 128 x 128 x 64 tiles at 8 warps use 255
+    registers a thread without spills (one program per SM), 128 KiB of shared memory at 2 stages, wgmma
+    and 4-wide float32 reds; 128 x 256 and 256 x 128 tiles spill. float32 (tf32x3): 64 x 64 x 32 at 4
+    warps, no spills. Not yet timed on a GPU: scripts/bench_linear_nll.py --sweep-backward times the
+    others (passed as `config`)."""
+    if not h2.is_cuda:  # the interpreter
+        return 16, 32, 16, 1, 1
+    if h2.element_size() == 2:
+        return 128, 128, 64, 8, 2
+    return 64, 64, 32, 4, 2
+
+
+def linear_backward(h2, weight, t1, bias, lse, g, *, softcap=None, want_h=True, want_w=True, want_b=False,
+                    config=None, precision=None, group_rows=None):
+    """-> (dh, dW, dbias), the gradients of sum(g * nll) for nll = lse - z[t1], z = h2 @ weight.T + bias
+    (softcapped), without building z or dz: dz = (softmax(z) - onehot(t1)) * g, dh = dz @ weight,
+    dW = dz.T @ h2, dbias = dz.sum(0), accumulated in float32 and returned in the inputs' dtypes (None
+    where not wanted; dbias None without bias). h2 (N, d), weight (V, d), bias (V,) float32/bfloat16/
+    float16; t1 (N,) int64; lse (N,) float32 from linear_lse_target; g (N,) float32, 0.0 where the
+    target is ignored. config and precision as in linear_lse_target (default default_backward_config);
+    group_rows: rows per L2 group (default: what fits _GROUP_L2_BYTES)."""
+    if h2.dtype == torch.float64:
+        raise TypeError("the Triton path has no float64 tl.dot; use impl='chunked' for float64")
+    N, D = h2.shape
+    V = weight.shape[0]
+    h2, weight = h2.contiguous(), weight.contiguous()
+    lse, g = lse.float().contiguous(), g.float().contiguous()
+    want_b = want_b and bias is not None
+    precision = default_precision(h2) if precision is None else precision
+    block_m, block_n, block_k, warps, stages = (default_backward_config(h2, precision) if config is None
+                                                else config)
+    n_row_blocks = triton.cdiv(N, block_m)
+    if group_rows is None:
+        group_rows = max(block_m, _GROUP_L2_BYTES // (D * (4 + h2.element_size())))
+    n_groups = triton.cdiv(n_row_blocks, max(1, group_rows // block_m))
+    group_m = triton.cdiv(n_row_blocks, n_groups)  # groups of equal size, the last one at most smaller
+    dh = torch.zeros(N, D, dtype=torch.float32, device=h2.device) if want_h else None
+    dw = torch.zeros(V, D, dtype=torch.float32, device=h2.device) if want_w else None
+    db = torch.zeros(V, dtype=torch.float32, device=h2.device) if want_b else None
+    grid = (n_row_blocks * triton.cdiv(V, block_n),)
+    _linear_ce_backward_kernel[grid](
+        h2, weight, bias if bias is not None else h2, t1, lse, g,
+        dh if want_h else lse, dw if want_w else lse, db if want_b else lse,
+        N, V, D, h2.stride(0), weight.stride(0), float(softcap) if softcap is not None else 1.0, group_m,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WANT_H=want_h, WANT_W=want_w,
+        WANT_B=want_b, PRECISION=precision, UPCAST=not h2.is_cuda,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    cast = lambda acc, like: None if acc is None else acc.to(like.dtype)  # noqa: E731
+    return cast(dh, h2), cast(dw, weight), cast(db, bias)
