@@ -30,7 +30,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 import lmloss
-from lmloss.cli_eval import ADD_BOS_RULES, CONFIGS, _score_from, _window_options, corpus_specs
+from lmloss.cli_eval import ADD_BOS_RULES, CONFIGS, corpus_specs, score_from_arg, window_options
 from lmloss.compare import compare, kl_divergence, paired_bootstrap, tokenizer_difference
 from lmloss.data import check_corpus_options, takes_field, takes_subset
 from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, resolve_window
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--add-bos", choices=ADD_BOS_RULES, default="no",
       help="does each document's token list start with BOS? as lmloss eval --add-bos, decided per model "
            "(KL mode: by the shared tokenizer and the reference)")
-    a("--score-from", type=_score_from, help="plan chunks: context-only predictions at the start of each "
+    a("--score-from", type=score_from_arg, help="plan chunks: context-only predictions at the start of each "
       "chunk: N, or 'half' for max_length // 2 (llama.cpp's); default 0")
     a("--chunks", type=int, help="plan chunks: score only the first K chunks")
     a("--batch-size", type=int, help="windows per forward pass (default: lmloss.evaluate's)")
@@ -176,7 +176,7 @@ def _window(args, spec: str, tokenizer, info) -> dict:
     if args.max_length and info.context_length and args.max_length > info.context_length:
         raise ValueError(f"--max-length {args.max_length} is above the context length of {spec} "
                          f"({info.context_length}); pass --max-length {info.context_length} or less")
-    window = _window_options(args, tokenizer, info)
+    window = window_options(args, tokenizer)
     max_length, prefix_id = resolve_window(info.context_length, tokenizer, plan=args.plan, max_length=args.max_length,
                                            prefix_id=window["prefix_id"], every_window=window["every_window"])
     if args.stride is not None and args.stride > max_length:

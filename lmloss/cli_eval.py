@@ -44,7 +44,7 @@ CONFIGS = Path(__file__).resolve().parent / "presets"  # links to the top-level 
 ADD_BOS_RULES = ("no", "yes", "tokenizer", "lm-eval")
 
 
-def _score_from(value: str) -> int | str:
+def score_from_arg(value: str) -> int | str:
     if value == "half":
         return value
     try:
@@ -53,23 +53,21 @@ def _score_from(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of tokens or 'half', got {value!r}") from None
 
 
-def bos_in_tokens(rule: str, tokenizer, model_type: str | None) -> tuple[bool, str]:
+def bos_in_tokens(rule: str, tokenizer) -> tuple[bool, str]:
     """(does each document's token list start with BOS, why) under --add-bos `rule`.
 
-    lm-eval: lm-evaluation-harness 0.4.13's HFLM sets add_bos_token=True when "gemma" is in the
-    config's model_type (no other family is special-cased) and encodes with add_special_tokens=
-    add_bos_token, so the list starts with BOS exactly when the tokenizer then adds one."""
+    lm-eval: lm-evaluation-harness 0.4.13's HFLM with its default add_bos_token=None encodes each
+    document with the tokenizer's own default (add_special_tokens=True), so the list starts with BOS
+    exactly when the tokenizer adds one (Gemma, Llama: yes; GPT-2, SmolLM2: no); its add_bos_token=
+    True/False is --add-bos yes/no. 0.4.13's HFLM special-cases no model family (older releases, and
+    its sglang backend, forced BOS for "gemma" model types); it skips the BOS when the text itself
+    starts with the BOS string, which lmloss does not follow. tokenizer: the same observed rule, as
+    llama.cpp and the GPTQ loop apply it."""
     adds = bool(tokenizer.add_bos) and tokenizer.bos_id is not None
-    if rule == "lm-eval":
-        gemma = "gemma" in (model_type or "")
-        why = (f"lm-eval rule: model_type {model_type!r} " + ("contains 'gemma', so add_bos_token=True" if gemma
-               else "is not a Gemma type, so add_bos_token=False (lm-eval's default)"))
-        on = gemma and adds
-        if gemma and not adds:
-            why += ", but the tokenizer adds no BOS"
-        return on, why
-    if rule == "tokenizer":
-        return adds, f"the tokenizer {'adds' if adds else 'does not add'} BOS"
+    if rule in ("lm-eval", "tokenizer"):
+        who = ("lm-eval 0.4.13 rule (add_bos_token=None: the tokenizer's default)" if rule == "lm-eval"
+               else "the tokenizer's own rule")
+        return adds, f"{who}: the tokenizer {'adds' if adds else 'does not add'} BOS"
     if rule == "yes" and tokenizer.bos_id is None:
         raise ValueError(f"--add-bos yes, but tokenizer {tokenizer.name!r} has no BOS token; pass --add-bos no")
     return rule == "yes", f"--add-bos {rule}"
@@ -99,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
            "token when the token list starts with BOS (llama.cpp)")
     a("--add-bos", choices=ADD_BOS_RULES, default="no",
       help="does each document's token list start with BOS (then scored like any token)? no; yes; tokenizer: "
-           "when the tokenizer adds BOS (llama.cpp, the GPTQ loop); lm-eval: lm-evaluation-harness's rule, "
-           "yes for model types containing 'gemma' (its add_bos_token=True), else no")
-    a("--score-from", type=_score_from, help="plan chunks: predictions at the start of each chunk that are "
+           "when the tokenizer adds BOS (llama.cpp, the GPTQ loop, the HF guide); lm-eval: lm-evaluation-harness "
+           "0.4.13's rule, the same (its add_bos_token=None; yes/no are its True/False)")
+    a("--score-from", type=score_from_arg, help="plan chunks: predictions at the start of each chunk that are "
       "context only: N, or 'half' for max_length // 2 (llama.cpp's); default 0 (the GPTQ loop)")
     a("--chunks", type=int, help="plan chunks: score only the first K chunks (llama-perplexity --chunks K)")
     a("--batch-size", type=int, help="windows per forward pass (default: 2 on the CPU, where small "
@@ -291,7 +289,7 @@ def _preflight(args, dist_ctx):
     if args.max_length and info.context_length and args.max_length > info.context_length:
         raise ValueError(f"--max-length {args.max_length} is above the context length of {args.model} "
                          f"({info.context_length}); pass --max-length {info.context_length} or less")
-    window = _window_options(args, tokenizer, info)
+    window = window_options(args, tokenizer)
     max_length, prefix_id = resolve_window(info.context_length, tokenizer, plan=args.plan,
                                            max_length=args.max_length, prefix_id=window["prefix_id"],
                                            every_window=window["every_window"])
@@ -321,10 +319,10 @@ def _preflight(args, dist_ctx):
     return tokenizer, corpora, window
 
 
-def _window_options(args, tokenizer, info) -> dict:
+def window_options(args, tokenizer) -> dict:
     """The evaluate() keywords that --plan, --add-bos, --bos-every-window, --score-from and --chunks
     decide, with the reason for the BOS choice (a note in the results)."""
-    on, why = bos_in_tokens(args.add_bos, tokenizer, getattr(info, "model_type", None))
+    on, why = bos_in_tokens(args.add_bos, tokenizer)
     chunks = args.plan == "chunks"
     # llama.cpp writes BOS over each chunk's first token exactly when its token list starts with BOS.
     prefix_id = tokenizer.bos_id if chunks and args.bos_every_window and on else None
