@@ -8,10 +8,21 @@
 First every implementation is checked against lmloss's float64 reference ("all implementations
 match"), then each (shape, dtype, op) is timed for every contender, interleaved round by round so
 that load from other processes hits all of them alike; ratios are against F.cross_entropy measured
-in the same run. Contenders: torch (F.cross_entropy(logits.float(), ...)), torch.compile
+in the same run (and against torch.compile, "x vs compile"). Contenders: torch (F.cross_entropy(logits.float(), ...)), torch.compile
 (log_softmax + gather, compiled once with dynamic shapes; compile time reported, not timed),
 lmloss's implementations for the device, and on CUDA Liger-Kernel when importable (Cut
 Cross-Entropy has no logits-level loss; it belongs with the fused linear benchmark).
+
+Floor, "floor_ms" and "pct_of_floor" (CPU): what any implementation must spend, measured in the same
+rounds as the contenders (so under the same load) and printed once per (dtype, op):
+    read_ms   logits.sum() on all threads: one read of the logits from memory
+    write_ms  fill_ of an already-mapped tensor like the logits: one write of the gradient (backward only)
+    exp_ms    N*V exponentials: the faster of torch.exp and torch.exp2, out= into a cache-resident block,
+              on every thread at once (lmloss's row workers), so no memory traffic
+    floor_ms  forward:          max(read_ms, exp_ms)
+              forward+backward: max(read_ms + write_ms, exp_ms)   (one fused pass could do both)
+pct_of_floor = 100 * floor_ms / time_ms_p50: 100% would be a kernel that hides all its exp work under one
+read of the logits. On CUDA the floor is not measured.
 
 Memory, "peak_extra_mib": on CUDA, torch.cuda.max_memory_allocated() minus the allocation before the
 call. On CPU, tracemalloc does not see torch's allocator, so a thread samples the process RSS
@@ -140,8 +151,9 @@ def peak_extra_bytes(fn, op, logits, targets) -> int:
     return rss.extra_bytes
 
 
-def time_round_robin(fns: dict, op, inputs: dict, targets, reps: int) -> dict:
-    """name -> list of seconds. CPU: each round runs every contender once, in turn. CUDA: do_bench medians."""
+def time_round_robin(fns: dict, op, inputs: dict, targets, reps: int, probes: dict | None = None) -> dict:
+    """name -> list of seconds. CPU: each round runs every contender once, in turn, then each floor probe
+    (no arguments). CUDA: do_bench medians."""
     if targets.is_cuda:
         from triton.testing import do_bench
         return {name: [do_bench(lambda fn=fn, x=inputs[name]: _step(fn, op, x, targets), return_mode="median") / 1e3]
@@ -152,7 +164,40 @@ def time_round_robin(fns: dict, op, inputs: dict, targets, reps: int) -> dict:
             t0 = time.perf_counter()
             _step(fn, op, inputs[name], targets)
             times[name].append(time.perf_counter() - t0)
+        for name, fn in (probes or {}).items():
+            t0 = time.perf_counter()
+            fn()
+            times.setdefault(f"floor:{name}", []).append(time.perf_counter() - t0)
     return times
+
+
+def floor_probes(logits, op) -> dict:
+    """name -> fn() for the floor's parts (see the module docstring), timed in the contenders' rounds."""
+    from lmloss.ops._threads import parallel_rows
+    N, V = logits.shape
+    block = torch.randn(8, 8192)  # (8, 8192) float32: 256 KiB, cache-resident on each worker
+    n_calls = -(-N * V // block.numel())
+
+    def exps(fn):
+        def run():
+            def worker(start, end):
+                out = torch.empty_like(block)
+                for _ in range(start, end):
+                    fn(block, out=out)
+            parallel_rows(worker, n_calls, 1, logits.device)
+        return run
+
+    probes = {"read": lambda: logits.sum(), "exp": exps(torch.exp), "exp2": exps(torch.exp2)}
+    if op != "forward":
+        grad = torch.empty_like(logits).fill_(0)  # mapped already: a write, not page faults
+        probes["write"] = lambda: grad.fill_(0)
+    return probes
+
+
+def floor_ms(probe_ms: dict, op) -> float:
+    exp_ms = min(probe_ms["exp"], probe_ms["exp2"])
+    return max(probe_ms["read"] + probe_ms.get("write", 0.0), exp_ms) if op != "forward" else max(
+        probe_ms["read"], exp_ms)
 
 
 def copy_bandwidth_gb_s(logits) -> float:
@@ -175,13 +220,28 @@ def _timed(fn) -> float:
 
 # ---- main ---------------------------------------------------------------------------------------------
 
+def cpu_name() -> str:
+    """lscpu's model name and its SIMD flags (avx2, avx512*, amx*), e.g. "AMD EPYC [avx2]"."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        model = fields.get("model name", model)
+        flags = sorted(f for f in fields.get("flags", "").split() if f == "avx2" or f.startswith(("avx512", "amx")))
+    except OSError:
+        pass
+    return f"{model} [{' '.join(flags) or 'no avx2'}]"
+
+
 def versions(device: torch.device) -> dict:
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"device": f"{device.type}: {name}, {torch.get_num_threads()} threads", "torch": torch.__version__,
             "triton": triton_version, "lmloss": lmloss.__version__}
 
@@ -231,15 +291,29 @@ def main():
                     if name == "torch.compile" and (dtype, op) not in compiled:  # ...unless it compiled
                         compiled.add((dtype, op))
                         peak_bytes[name] = peak_extra_bytes(fn, op, inputs[name], targets)
-                times = time_round_robin(fns, op, inputs, targets, args.reps)
-                del inputs
+                probes = floor_probes(logits, op) if device.type == "cpu" else None
+                times = time_round_robin(fns, op, inputs, targets, args.reps, probes)
+                del inputs, probes
+                probe_ms = {k.removeprefix("floor:"): statistics.median(ts) * 1e3 for k, ts in times.items()
+                            if k.startswith("floor:")}
+                floor = floor_ms(probe_ms, op) if probe_ms else None
+                if probe_ms:
+                    parts = "  ".join(f"{k} {v:.1f} ms" for k, v in probe_ms.items())
+                    print(f"{op:17s} {str(dtype).removeprefix('torch.'):8s} {N:6d}x{V:<7d} floor {floor:.1f} ms "
+                          f"(medians: {parts})", flush=True)
                 base_s = statistics.median(times["torch"])
+                compiled_s = statistics.median(times["torch.compile"]) if "torch.compile" in times else None
                 for name, ts in times.items():
+                    if name.startswith("floor:"):
+                        continue
                     p50 = statistics.median(ts)
                     gb_s = N * V * logits.element_size() / p50 / 1e9  # logits bytes read once
                     row = {"op": op, "impl": name, "dtype": str(dtype).removeprefix("torch."), "N": N, "V": V,
                            "time_ms_p50": round(p50 * 1e3, 3), "time_ms_min": round(min(ts) * 1e3, 3),
                            "speedup_vs_torch": round(base_s / p50, 2),
+                           "speedup_vs_compile": round(compiled_s / p50, 2) if compiled_s else None,
+                           "floor_ms": round(floor, 3) if floor else None, "floor_parts_ms": probe_ms or None,
+                           "pct_of_floor": round(100 * floor / (p50 * 1e3), 1) if floor else None,
                            "peak_extra_mib": round(peak_bytes[name] / 2**20, 1),
                            "logits_mib": round(logits.numel() * logits.element_size() / 2**20, 1),
                            "ns_per_token": round(p50 * 1e9 / N, 1), "gb_per_s": round(gb_s, 2),
@@ -247,9 +321,11 @@ def main():
                            "reps": len(ts), "first_call_s": round(warmup_s[name], 2), **meta,
                            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
                     rows.append(row)
+                    vs_compile = f"{row['speedup_vs_compile']:5.2f}" if compiled_s else "    -"
+                    of_floor = f"{row['pct_of_floor']:5.1f}%" if floor else "     -"
                     print(f"{op:17s} {row['dtype']:8s} {N:6d}x{V:<7d} {name:15s} {row['time_ms_p50']:10.2f} ms "
-                          f"(min {row['time_ms_min']:9.2f})  x{row['speedup_vs_torch']:<6.2f} "
-                          f"peak +{row['peak_extra_mib']:8.1f} MiB  {gb_s:6.2f} GB/s", flush=True)
+                          f"(min {row['time_ms_min']:9.2f})  x{row['speedup_vs_torch']:<6.2f} vs compile x{vs_compile} "
+                          f"floor {of_floor}  peak +{row['peak_extra_mib']:8.1f} MiB  {gb_s:6.2f} GB/s", flush=True)
             del logits, targets
     if args.out:
         with open(args.out, "a") as f:

@@ -409,3 +409,23 @@ def test_chunked_under_inference_mode_matches_torch():
         got = lmloss.token_nll(x, t, impl="chunked")
     ref = torch.nn.functional.cross_entropy(x.double(), t, reduction="none")
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_target_shift_and_its_fallback_rows():
+    # the chunked forward shifts each row by its target logit; rows where another logit is more than
+    # ~88 nats above it overflow that shift and are redone max-shifted: both kinds in one batch
+    V = 5003
+    logits = make_logits(6, V, 1.0, torch.float32, device="cpu")
+    targets = torch.tensor([0, 1, 2, 3, 4, 5])
+    logits[1, 7] = logits[1, 1] + 80.0  # fast path, 80 nats above the target
+    logits[2, 7] = logits[2, 2] + 100.0  # fallback: 2^(100 log2 e) overflows float32
+    logits[3] += 1e4  # a large common offset: the shift removes it
+    logits[4, 4] = float("-inf")  # a masked target: nll = inf, as torch
+    logits[5, 9] = float("-inf")  # a masked other column: exp2(-inf) = 0
+    nll = token_nll(logits, targets, impl="chunked")
+    ref = nll_float64(logits, targets)
+    torch.testing.assert_close(nll[[0, 1, 2, 3, 5]].double(), ref[[0, 1, 2, 3, 5]], rtol=1e-6, atol=1e-5)
+    assert nll[4] == float("inf") and torch.isinf(F.cross_entropy(logits[4:5], targets[4:5]))
+    lse = logsumexp(logits[[0, 1, 2, 3, 5]], impl="chunked")  # shifted by column 0 instead of a target
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits[[0, 1, 2, 3, 5]].double(), dim=1),
+                               rtol=4 * torch.finfo(torch.float32).eps, atol=1e-6)

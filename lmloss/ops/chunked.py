@@ -1,32 +1,43 @@
-"""Fast eager path for CPU (and CUDA without Triton): fused log-softmax over cache-sized row blocks.
+"""Fast eager path for CPU (and CUDA without Triton): per-token NLL over cache-sized row blocks.
 
 F.cross_entropy on CPU writes a fresh (N, V) float32 log-probability tensor: at N=4096, V=50257 that
 is 823 MB of allocation, page faults and writes before a single loss comes out. Here each block of
-rows is read once from memory while torch's vectorized log_softmax kernel makes its passes over it
-(max, sum of exp, write into a reused block buffer that stays in cache), so the extra memory is one
-or two blocks plus O(N), and nothing is compiled. The backward writes softmax - onehot block by
-block straight into the gradient tensor.
+rows is read once from memory into a reused block buffer that stays in cache, so the extra memory is
+one block per thread plus O(N), and nothing is compiled. The backward writes softmax - onehot block
+by block straight into the gradient tensor (first asking for 2 MiB pages: _threads.advise_huge_pages).
 
-Threads: on CPU the rows are split into one contiguous range per intra-op thread, each run on a worker
-thread with single-threaded torch ops (lmloss/ops/_threads.py says why: no fork/join per block).
+Passes over a block (torch's CPU kernels; only the first reads memory, the rest find it in cache):
+    forward   y = x * log2(e) - x_t * log2(e) (one fma, into the buffer); exp2 in place; row sums
+              -- shifted by the target logit, not the max, so no max pass; exp2 is ~2x torch's exp
+    backward  softmax (max, exp and write, sum, scale); scatter -1 at the target; times g
+A bfloat16/float16 block is first upcast into the block buffer and then worked on in place.
+
+Threads: on CPU the rows are split into ranges taken in turn by one worker per intra-op thread, each
+running single-threaded torch ops (lmloss/ops/_threads.py says why: no fork/join per block, and a
+worker on a busy core takes fewer ranges).
 
 Identities used:
-    nll = -log_softmax(x)[t]
-    lse = x[t] - log_softmax(x)[t]      (the row's log-sum-exp, for logsumexp() and z-losses)
+    nll = lse - x[t],  lse = log(sum(exp(x)))   (lse is saved for logsumexp() and z-losses)
     d nll / d x = softmax(x) - onehot(t)
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmloss.ops._checks import compute_dtype
-from lmloss.ops._threads import parallel_rows
+from lmloss.ops._threads import advise_huge_pages, parallel_rows
 
-# A block of fp32 rows small enough to stay in L2 across log_softmax's passes, large enough that the
-# Python loop costs little. On CUDA (no Triton) a block is about one big kernel launch instead.
+# A block of compute-dtype rows small enough that the passes after the first find it in cache (L2/L3),
+# large enough that the per-block Python and GIL cost stays small: on the 2-core AVX2 dev VM (512 KiB
+# L2 per core, 32 MiB L3) 1-2 MiB ran best (one thread, 512 x 50257 fp32, paired against torch.compile:
+# 200 KiB 0.90x, 400 KiB 0.95x, 1 MiB 1.04x, 2 MiB 1.13x, 4 MiB 0.98x). On CUDA (no Triton) a block is
+# about one big kernel launch instead.
 _CPU_BLOCK_BYTES = 2 << 20
 _CUDA_BLOCK_BYTES = 256 << 20
+_CPU_RANGES_PER_THREAD = 4  # ranges per worker, taken in turn: a worker on a busy core does fewer
 
 
 def _block_rows(logits: torch.Tensor, itemsize: int) -> int:
@@ -34,42 +45,76 @@ def _block_rows(logits: torch.Tensor, itemsize: int) -> int:
     return max(1, min(logits.shape[0], budget // (logits.shape[1] * itemsize)))
 
 
+def _run(rows, N, B, device):
+    parallel_rows(rows, N, B, device, ranges_per_thread=_CPU_RANGES_PER_THREAD)
+
+
 def nll_lse(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
     """logits (N, V), targets (N,) int64 -> (nll (N,) float32 (float64 for float64 logits), lse (N,) float64).
 
     nll: the same numbers as F.cross_entropy(logits.float(), targets, ignore_index=..., reduction="none").
+    Each row is shifted by its own target logit instead of its max, so a block costs three passes and
+    one read from memory, with exp2 (torch's is about twice as fast as its exp):
+        c = -fl(x_t * L)                   L = log2(e) as the compute dtype holds it
+        s = sum(exp2(fl(x * L + c)))       >= 1: the target's own term is 2^(c + x_t L) ~ 1
+        nll = ln(s) - (c + x_t L) ln(2),  lse = x_t + nll
+    2^(x L + c) = e^(x - x_t) 2^(c + x_t L) e^((x - x_t)(L ln 2 - 1)): the residual c + x_t L is exact in
+    float64, so the only shift error left is (x - x_t) * 1e-8 (L's rounding), never x * 1e-8.
+    A row where some logit exceeds its target's by more than ~88 nats overflows s; those rows (s not
+    finite: also NaN or inf logits) are redone by torch's log_softmax, max-shifted (_exact_rows).
     """
     N, V = logits.shape
     cdt = compute_dtype(logits.dtype)
     B = _block_rows(logits, torch.finfo(cdt).bits // 8)
+    L = _log2e(cdt)
     valid = targets != ignore_index
     tcol = torch.where(valid, targets, 0)[:, None]  # (N, 1), column 0 stands in for ignored rows
-    logp_t = torch.empty(N, dtype=cdt, device=logits.device)
-    lse = torch.empty(N, dtype=torch.float64, device=logits.device)
+    x_t = logits.gather(1, tcol).to(cdt)  # (N, 1), exact
+    c = x_t * -L  # (N, 1), rounded once to cdt
+    sums = torch.empty(N, 1, dtype=cdt, device=logits.device)
+    upcast = logits.dtype != cdt
 
     def rows(start, end):
-        upcast = torch.empty(B, V, dtype=cdt, device=logits.device) if logits.dtype != cdt else None
-        logp = torch.empty(B, V, dtype=cdt, device=logits.device)  # (B, V) reused for every block
+        buf = torch.empty(B, V, dtype=cdt, device=logits.device)  # (B, V) reused for every block
         for s in range(start, end, B):
             e = min(s + B, end)
-            x = logits[s:e] if upcast is None else upcast[: e - s].copy_(logits[s:e])  # (b, V), cdt
-            lp = torch.log_softmax(x, dim=1, out=logp[: e - s])  # 1. the block's one fused pass
-            logp_t[s:e] = lp.gather(1, tcol[s:e])[:, 0]  # 2. log p of the target column
-            x_t = x.gather(1, tcol[s:e])[:, 0]
-            torch.sub(x_t.double(), logp_t[s:e].double(), out=lse[s:e])  # 3. lse = x_t - logp_t
+            if upcast:  # bfloat16/float16: one upcast into the buffer, then in place
+                y = torch.add(c[s:e], buf[: e - s].copy_(logits[s:e]), alpha=L, out=buf[: e - s])
+            else:
+                y = torch.add(c[s:e], logits[s:e], alpha=L, out=buf[: e - s])  # 1. y = x * L + c, one fma
+            torch.sum(y.exp2_(), dim=1, keepdim=True, out=sums[s:e])  # 2. exp2 in place, 3. row sums
 
-    parallel_rows(rows, N, B, logits.device)
-    _fix_cancelled_lse(logits, logp_t, lse, B)
-    return torch.where(valid, -logp_t, 0.0), lse
+    _run(rows, N, B, logits.device)
+    x_t64 = x_t[:, 0].double()
+    # 4. nll = ln(s) - (c + x_t L) ln 2: c + x_t L is the shift's rounding residual, exact in float64
+    nll = sums[:, 0].double().log_() - (c[:, 0].double() + x_t64 * L) * math.log(2)
+    lse = x_t64 + nll
+    redo = (~torch.isfinite(sums[:, 0])).nonzero()[:, 0]
+    if redo.numel():
+        lse[redo] = _exact_rows(logits, redo, tcol[redo], cdt, B)
+        nll[redo] = lse[redo] - x_t64[redo]
+    return torch.where(valid, nll, 0.0).to(cdt), lse
 
 
-def _fix_cancelled_lse(logits, logp_t, lse, block_rows):
-    """Recompute lse = logsumexp(x) where x_t - logp_t cancels: logp_t below -64 (the error would exceed
-    ulp(64)), -inf or NaN. Rare for a model's targets; common only for random logits of large scale."""
-    rows = (~(logp_t >= -64.0)).nonzero()[:, 0]
+def _log2e(dtype: torch.dtype) -> float:
+    """log2(e) rounded to dtype: the factor torch.add(..., alpha=) multiplies by in that dtype."""
+    return torch.tensor(1 / math.log(2), dtype=torch.float64).to(dtype).item()
+
+
+def _exact_rows(logits, rows, tcol, cdt, block_rows):
+    """lse of logits[rows] as x_t - log_softmax(x)[t], max-shifted, in cdt (as F.cross_entropy: NaN for a row
+    holding NaN or +inf); torch.logsumexp where that subtraction cancels: log p_t below -64 (the error would
+    exceed ulp(64)), -inf or NaN."""
+    lse = torch.empty(rows.numel(), dtype=torch.float64, device=logits.device)
     for s in range(0, rows.numel(), block_rows):
-        idx = rows[s:s + block_rows]
-        lse[idx] = torch.logsumexp(logits[idx].to(logp_t.dtype), dim=1).double()
+        x = logits[rows[s:s + block_rows]].to(cdt)  # (b, V)
+        t = tcol[s:s + block_rows]
+        logp_t = torch.log_softmax(x, dim=1).gather(1, t)[:, 0]
+        lse_b = x.gather(1, t)[:, 0].double() - logp_t.double()
+        cancelled = ~(logp_t >= -64.0)
+        lse_b[cancelled] = torch.logsumexp(x[cancelled], dim=1).double()
+        lse[s:s + block_rows] = lse_b
+    return lse
 
 
 def grad_logits(logits, targets, lse, grad_nll, out):
@@ -85,20 +130,25 @@ def grad_logits(logits, targets, lse, grad_nll, out):
     B = _block_rows(logits, torch.finfo(cdt).bits // 8)
     has_onehot = (targets >= 0) & (targets < V)
     tcol = torch.where(has_onehot, targets, 0)[:, None]  # (N, 1)
-    minus_g = torch.where(has_onehot, -grad_nll, 0.0).to(cdt)[:, None]  # (N, 1); adding 0 is a no-op
+    minus_onehot = has_onehot.to(cdt).neg_()[:, None]  # (N, 1): -1, or 0 (adding 0 is a no-op)
     g = grad_nll.to(cdt)[:, None]  # (N, 1)
+    in_place = logits.dtype != cdt or out.dtype != cdt  # a block buffer holds the upcast and the softmax
+    advise_huge_pages(out)  # out is usually fresh memory: fault it in 2 MiB pages, not 4 KiB ones
 
     def rows(start, end):
-        upcast = torch.empty(B, V, dtype=cdt, device=logits.device) if logits.dtype != cdt else None
-        buf = torch.empty(B, V, dtype=cdt, device=logits.device) if out.dtype != cdt else None
+        buf = torch.empty(B, V, dtype=cdt, device=logits.device) if in_place else None
         for s in range(start, end, B):
             e = min(s + B, end)
-            x = logits[s:e] if upcast is None else upcast[: e - s].copy_(logits[s:e])  # (b, V), cdt
-            gb = out[s:e] if buf is None else buf[: e - s]
-            torch.softmax(x, dim=1, out=gb)  # 1. softmax, one fused kernel
-            gb.mul_(g[s:e]).scatter_add_(1, tcol[s:e], minus_g[s:e])  # 2. (softmax - onehot) * g
-            if buf is not None:
-                out[s:e].copy_(gb)  # 3. one rounding to logits' dtype
+            if in_place:
+                x = buf[: e - s].copy_(logits[s:e])  # (b, V), cdt
+                p = torch.softmax(x, dim=1, out=x)  # 1. softmax, one fused kernel
+            else:
+                p = torch.softmax(logits[s:e], dim=1, out=out[s:e])
+            p.scatter_add_(1, tcol[s:e], minus_onehot[s:e])  # 2. softmax - onehot
+            if in_place:
+                torch.mul(p, g[s:e], out=out[s:e])  # 3. times g, rounded once to logits' dtype
+            else:
+                p.mul_(g[s:e])
 
-    parallel_rows(rows, N, B, logits.device)
+    _run(rows, N, B, logits.device)
     return out
