@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--head-impl", choices=("fused", "logits"), default="fused", help="paired mode: output head + loss")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--dtype", default="float32", choices=sorted(DTYPES))
+    a("--reference-dtype", choices=sorted(DTYPES),
+      help="KL mode: the reference's dtype (default --dtype): --reference-dtype float32 --dtype bfloat16 measures "
+           "what bf16 arithmetic costs one model")
     a("--limit", type=int, help="score only the first N documents")
     a("--max-bytes", type=int, help="score only the documents that hold the first B UTF-8 bytes")
     a("--subset", help="a part of a corpus that has parts (pile: a pile_set_name; paloma: a domain)")
@@ -239,7 +242,7 @@ def _kl_preflight(args, notes: list[str]):
     both = dataclasses.replace(infos[0], context_length=min(contexts) if contexts else None)
     window = _window(args, f"{args.reference} and {args.model}", shared, both)
     check_tokenizer_fits(shared, infos[1].vocab_size, args.model)
-    if args.reference == args.model:
+    if args.reference == args.model and (args.reference_dtype or args.dtype) == args.dtype:
         notes.append("--reference and --model name the same model: its KL against itself is 0 up to rounding")
     notes.append(window["bos_note"])
     return shared, window
@@ -413,7 +416,7 @@ def run_kl(args) -> dict:
     notes: list[str] = []
     tokenizer, window = _kl_preflight(args, notes)
     spec, docs = _load_corpus(args)
-    reference = lmloss.load_model(args.reference, device=args.device, dtype=args.dtype)
+    reference = lmloss.load_model(args.reference, device=args.device, dtype=args.reference_dtype or args.dtype)
     model = lmloss.load_model(args.model, device=args.device, dtype=args.dtype)
     result = kl_divergence(reference, model, tokenizer, docs, **_evaluate_keywords(args, window))
     del reference, model
