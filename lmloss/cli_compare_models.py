@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bootstrap", type=int, default=1000, help="bootstrap resamples over documents (0: no intervals)")
     a("--seed", type=int, default=0, help="seed of the bootstrap draws")
     a("--no-progress", action="store_true", help="no progress bar")
+    a("--no-cache", action="store_true", help="convert .gguf models again instead of using their converted copies "
+      "under $LMLOSS_CACHE_DIR (default ~/.cache/lmloss)")
     a("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -212,19 +214,19 @@ def _load_corpus(args):
                                     subset=args.subset if takes_subset(spec) else None)
 
 
-def _own_tokenizer(spec: str):
+def _own_tokenizer(spec: str, cache: bool = True):
     """The model's own tokenizer, or None where its files hold none."""
     try:
-        return lmloss.load_tokenizer(spec)
+        return lmloss.load_tokenizer(spec, cache=cache)
     except ValueError:
         return None
 
 
 def _kl_preflight(args, notes: list[str]):
     """The shared tokenizer, checked against each model's own and both configurations."""
-    shared = lmloss.load_tokenizer(args.tokenizer or args.reference)
+    shared = lmloss.load_tokenizer(args.tokenizer or args.reference, cache=not args.no_cache)
     for role, spec in (("reference", args.reference), ("model", args.model)):
-        own = shared if role == "reference" and not args.tokenizer else _own_tokenizer(spec)
+        own = shared if role == "reference" and not args.tokenizer else _own_tokenizer(spec, not args.no_cache)
         if own is None:
             notes.append(f"--{role} {spec} holds no tokenizer of its own: only its vocabulary size was checked")
             continue
@@ -250,7 +252,7 @@ def _kl_preflight(args, notes: list[str]):
 
 def _paired_preflight(args, models: list[str]) -> tuple[list, list[dict]]:
     """Each model's tokenizer and window keywords, checked against its configuration."""
-    tokenizers = [lmloss.load_tokenizer(t) for t in split_list(args.tokenizers) or models]
+    tokenizers = [lmloss.load_tokenizer(t, cache=not args.no_cache) for t in split_list(args.tokenizers) or models]
     windows = [_window(args, spec, tok, peek_config(spec)) for spec, tok in zip(models, tokenizers)]
     return tokenizers, windows
 
@@ -416,8 +418,9 @@ def run_kl(args) -> dict:
     notes: list[str] = []
     tokenizer, window = _kl_preflight(args, notes)
     spec, docs = _load_corpus(args)
-    reference = lmloss.load_model(args.reference, device=args.device, dtype=args.reference_dtype or args.dtype)
-    model = lmloss.load_model(args.model, device=args.device, dtype=args.dtype)
+    reference = lmloss.load_model(args.reference, device=args.device, dtype=args.reference_dtype or args.dtype,
+                                  cache=not args.no_cache)
+    model = lmloss.load_model(args.model, device=args.device, dtype=args.dtype, cache=not args.no_cache)
     result = kl_divergence(reference, model, tokenizer, docs, **_evaluate_keywords(args, window))
     del reference, model
     n_resamples = args.bootstrap
@@ -451,6 +454,7 @@ def run_paired(args) -> dict:
     tokenizers, windows = _paired_preflight(args, names)
     spec, docs = _load_corpus(args)
     cmp = compare(names, docs, tokenizers=tokenizers, device=args.device, dtype=args.dtype, head_impl=args.head_impl,
+                  cache=not args.no_cache,
                   per_model=[_evaluate_keywords(args, w) for w in windows], n_resamples=args.bootstrap,
                   seed=args.seed)
     notes += [f"{name}: {w['bos_note']}" for name, w in zip(names, windows)] + cmp.notes

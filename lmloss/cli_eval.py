@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true",
       help="discard the checkpoint of an earlier run next to --output and start over")
     a("--text-field", help="the text field of a .jsonl/.parquet corpus (default: text, else page)")
+    a("--no-cache", action="store_true", help="convert a .gguf model and tokenizer again instead of using the "
+      "converted copy under $LMLOSS_CACHE_DIR (default ~/.cache/lmloss), and store none")
     a("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -284,7 +286,7 @@ def _checkpoint_base(output: str, k: int) -> Path:
 def _preflight(args, dist_ctx):
     """Tokenizer, the model's configuration (not its weights), each corpus and its checkpoint, all
     checked before the weights are loaded: (tokenizer, [(spec, documents, checkpoint or None)])."""
-    tokenizer = lmloss.load_tokenizer(args.tokenizer or args.model)
+    tokenizer = lmloss.load_tokenizer(args.tokenizer or args.model, cache=not args.no_cache)
     info = peek_config(args.model)
     if args.max_length and info.context_length and args.max_length > info.context_length:
         raise ValueError(f"--max-length {args.max_length} is above the context length of {args.model} "
@@ -486,7 +488,7 @@ def run(args) -> dict:
     dist_ctx = init_from_env(args.device)
     device = _device(args, dist_ctx)
     tokenizer, corpora, window = _preflight(args, dist_ctx)
-    model = lmloss.load_model(args.model, device=device, dtype=args.dtype)
+    model = lmloss.load_model(args.model, device=device, dtype=args.dtype, cache=not args.no_cache)
     results = []
     for spec, docs, base in corpora:
         result = _evaluate(args, model, tokenizer, docs, base, window)

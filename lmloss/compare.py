@@ -433,12 +433,12 @@ def compare(models: Sequence, documents: Sequence, *, tokenizers: Sequence | Non
             prefix_id: int | None = None, every_window: bool = False, score_from: int | None = None,
             max_chunks: int | None = None, bos_in_tokens: bool = False, batch_size: int | None = None,
             head_impl: str = "fused", per_model: Sequence[dict] | None = None, n_resamples: int = 1000,
-            seed: int = 0, level: float = 0.95, progress: bool = True) -> Comparison:
+            seed: int = 0, level: float = 0.95, progress: bool = True, cache: bool = True) -> Comparison:
     """lmloss.evaluate of every model on `documents`, each with its own tokenizer, then
     paired_bootstrap over the per-document sums.
 
     models: specs (hub name, folder, .gguf; loaded on `device` in `dtype` one at a time and freed
-    before the next) or loaded models (used as given). tokenizers: one per model (specs or
+    before the next; cache: load_model's, for .gguf specs) or loaded models (used as given). tokenizers: one per model (specs or
     Tokenizers); default each spec's own. The window options are lmloss.evaluate's, for every model
     (max_length: default each model's own context); per_model[k], a dict of evaluate() keywords,
     overrides them for model k (e.g. bos_in_tokens where the tokenizers' conventions differ). The
@@ -479,7 +479,7 @@ def compare(models: Sequence, documents: Sequence, *, tokenizers: Sequence | Non
             continue
         done[key] = k
         if isinstance(spec, (str, os.PathLike)):
-            model = load_model(spec, device=device, dtype=dtype)
+            model = load_model(spec, device=device, dtype=dtype, cache=cache)
             where = model.device
             try:
                 results.append(evaluate(model, tok, documents, **options))

@@ -1,7 +1,8 @@
 """Load a causal language model (hub name, local folder, GGUF file, or a module) for scoring.
 
     model = load_model("gpt2")                                   # hub name (or a local folder)
-    model = load_model("models/SmolLM2-135M-Instruct.Q4_1.gguf") # GGUF, dequantized on load
+    model = load_model("models/SmolLM2-135M-Instruct.Q4_1.gguf") # GGUF, dequantized on load, once:
+                                                                 # then read from lmloss.gguf_cache
     logits = model(input_ids)                                    # (B, T, V)
     hidden = model.hidden_states(input_ids)                      # (B, T, d), after the final norm
     logits == hidden @ model.head.weight.T + model.head.bias, then softcap * tanh(./softcap)
@@ -230,8 +231,9 @@ def _gguf_tensor_bytes(ggml_type: int, dims: tuple[int, ...], name: str) -> int:
     return n_elements // block_size * type_size
 
 
-def _read_gguf(buf) -> dict:
-    """The metadata of a GGUF file's bytes, after checking that every tensor's data lies within them."""
+def _read_gguf(buf) -> tuple[dict, int]:
+    """(metadata, byte offset where the tensor data starts) of a GGUF file's bytes, after checking
+    that every tensor's data lies within them."""
     if len(buf) == 0:
         raise _GGUFError("the file is empty")
     if buf[:4] != b"GGUF":
@@ -267,7 +269,7 @@ def _read_gguf(buf) -> dict:
         end, name, dims = min(e for e in ends if e[0] > len(buf))  # the first tensor cut off
         raise _GGUFError(f"tensor {name!r} ({'x'.join(map(str, dims))}) ends at byte {end}, past the end "
                          "of the file", data_end)
-    return meta
+    return meta, data_start
 
 
 def check_gguf(path) -> dict:
@@ -278,6 +280,11 @@ def check_gguf(path) -> dict:
     Raises ValueError naming the file when it is missing, empty, truncated or not GGUF, with the size
     its tensor table expects where that table could be read.
     """
+    return _gguf_header(path)[0]
+
+
+def _gguf_header(path) -> tuple[dict, int]:
+    """(check_gguf(path), byte offset where its tensor data starts), with check_gguf's errors."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"GGUF file not found: {str(path)!r}; pass the path of an existing .gguf file")
@@ -321,11 +328,13 @@ def _not_found(what: str, spec: str, tried: str, err: OSError) -> ValueError:
     )
 
 
-def _from_pretrained(spec: str, dtype: torch.dtype) -> torch.nn.Module:
-    """transformers' AutoModelForCausalLM for a GGUF file, a local folder or a hub name."""
+def _from_pretrained(spec: str, dtype: torch.dtype, **extra) -> torch.nn.Module:
+    """transformers' AutoModelForCausalLM for a GGUF file, a local folder or a hub name; `extra` goes
+    to from_pretrained as is."""
     from transformers import AutoModelForCausalLM
 
     where, kwargs, tried = _source(spec)
+    kwargs.update(extra)
     try:
         return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **kwargs)
     except (ValueError, ImportError) as err:
@@ -384,7 +393,7 @@ def peek_config(spec) -> ModelInfo:
     return ModelInfo(name, _context_length(config), _positive_int(vocab))
 
 
-def load_model(spec, *, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+def load_model(spec, *, device: str = "auto", dtype: str = "float32", cache: bool = True) -> LoadedModel:
     """A causal LM ready for scoring: eval mode, on `device`, in `dtype`, its head found if it has one.
 
     spec: a hub name, a local folder, a .gguf path (checked first by check_gguf), or an already built
@@ -393,12 +402,21 @@ def load_model(spec, *, device: str = "auto", dtype: str = "float32") -> LoadedM
     device: "auto" (cuda, then mps, then cpu) or a torch device string; one this machine lacks raises
     ValueError (resolve_device).
     dtype: "float32", "bfloat16" or "float16".
+    cache: for a .gguf file, convert it once and keep the float32 result (safetensors + config) under
+    lmloss.gguf_cache.cache_root(), so that later loads of the same file take seconds; the weights are
+    bit-identical either way. False reads the file through transformers every time and leaves the
+    cache folder untouched. Other specs are never cached.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     torch_dtype, dev = DTYPES[dtype], resolve_device(device)
     if isinstance(spec, torch.nn.Module):
         module, name = spec, type(spec).__name__
+    elif isinstance(spec, (str, os.PathLike)) and cache and str(spec).endswith(".gguf"):
+        from lmloss.gguf_cache import load_cached  # keys the file by its header: check_gguf's errors
+
+        name = str(spec)
+        module = load_cached(name, "model", lambda folder: _from_pretrained(str(folder), torch_dtype))
     elif isinstance(spec, (str, os.PathLike)):
         module, name = _from_pretrained(str(spec), torch_dtype), str(spec)
     else:

@@ -10,6 +10,9 @@ import torch
 # are set here, at collection, not in a fixture.
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
+# Converted GGUF files (lmloss.gguf_cache) go to a folder of this checkout, kept between runs (a
+# second run loads SmolLM2 in seconds), never to ~/.cache; subprocesses of tests inherit it.
+os.environ.setdefault("LMLOSS_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "lmloss-test"))
 
 
 def _assets_dir() -> Path | None:
