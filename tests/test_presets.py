@@ -173,3 +173,45 @@ def test_wikitext_raw_form_is_wiki_test_raw_byte_for_byte(assets):
     raw = (folder / "wikitext-2-raw-v1" / "wiki.test.raw").read_bytes()
     docs = lmloss.load_corpus("wikitext", form="raw", data_dir=str(folder))
     assert len(docs) == 1 and docs[0].text.encode("utf-8") == raw
+
+
+# --- SmolLM2-135M (GGUF) against llama.cpp's own llama-perplexity ---------------------------------
+SMOLLM2 = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
+# llama-perplexity (llama.cpp 0c1e57098, from the llama-cpp-python 0.3.36 sdist, CPU, AVX2), -f wiki.test.raw
+# -c 512 --chunks 20 -b 512: its running "[k]" values for k = 1, 2, on the Q4_1 file as shipped (Q4_1 x Q8_1
+# dot products: activations rounded to 8 bits) and on the same weights dequantized to an F32 GGUF with
+# llama-quantize --allow-requantize ... F32 (float32 arithmetic, as transformers runs the model).
+LLAMA_CPP_Q4_1 = (13.0198, 21.3543)
+LLAMA_CPP_F32 = (12.9550, 21.3732)
+
+
+@pytest.fixture(scope="module")
+def smollm2(assets):
+    path = str(assets / SMOLLM2)
+    return lmloss.load_model(path, device="cpu"), lmloss.load_tokenizer(path)
+
+
+@pytest.mark.slow
+def test_smollm2_llama_cpp_preset_matches_llama_perplexity_and_a_transformers_loop(smollm2, assets):
+    model, tok = smollm2
+    raw = (assets / "corpora" / "wikitext-2-raw-v1" / "wiki.test.raw").read_text(encoding="utf-8")
+    doc = lmloss.load_corpus("wikitext", form="raw", data_dir=str(assets / "corpora"))[0]
+    assert doc.text == raw and tok.add_bos is False  # SmolLM2's GGUF: no BOS, so no BOS over the chunks
+    result = lmloss.evaluate(model, tok, [doc], plan="chunks", max_length=512, score_from=256, max_chunks=2,
+                             progress=False)
+    running = chunk_numbers(result)["running_ppl"]
+    # the independent loop: the HF tokenizer's own call on the whole file, chunks, logits 256..510
+    ids = tok.hf(raw[:40_000])["input_ids"]  # 2 chunks of 512 lie well inside the first 40,000 characters
+    assert ids[:1024] == list(tok.encode(raw)[:1024])
+    nll, count = 0.0, 0
+    for k in range(2):
+        chunk = ids[k * 512:(k + 1) * 512]
+        with torch.no_grad():
+            logp = model.module(torch.tensor([chunk])).logits[0].double().log_softmax(-1)
+        nll -= sum(logp[j, chunk[j + 1]].item() for j in range(256, 511))
+        count += 255
+        assert running[k] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert result.totals.n_tokens == count == 510
+    for got, f32, q4 in zip(running, LLAMA_CPP_F32, LLAMA_CPP_Q4_1):
+        assert got == pytest.approx(f32, rel=1e-4)  # same float32 arithmetic: to 4.7e-5 here
+        assert got == pytest.approx(q4, rel=1e-2)  # llama.cpp's 8-bit activations move it 0.1-0.5%
