@@ -29,11 +29,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import lmloss
 from lmloss import data

@@ -19,24 +19,16 @@ import argparse
 import dataclasses
 import io
 import json
-import os
 import platform
-import sys
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 import lmloss
-from lmloss.cli_eval import ADD_BOS_RULES, CONFIGS, corpus_specs, score_from_arg, window_options
+from lmloss.cli_eval import add_window_options, apply_preset, corpus_specs, window_options
 from lmloss.compare import compare, kl_divergence, paired_bootstrap, tokenizer_difference
 from lmloss.data import check_corpus_options, takes_field, takes_subset
 from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, resolve_window
 from lmloss.models import DTYPES, peek_config, resolve_device
 from lmloss.outputs import check_output_path, write_atomic
-from lmloss.windows import PLANS
 
 __all__ = ["build_parser", "parse_args", "run", "main"]
 
@@ -52,23 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tokenizers", help="paired mode: comma list, one per model (default: each model's own)")
     a("--dataset", default="wikitext", help="one corpus: a name (wikitext, lambada, ...), hf:PATH[:CONFIG[:SPLIT"
       "[:FIELD]]] or a .txt/.jsonl/.parquet path")
-    a("--preset", help=f"configs/<name>.toml: {', '.join(sorted(f.stem for f in CONFIGS.glob('*.toml')))}")
-    a("--plan", choices=PLANS, default="lm-eval", help="window plan (lmloss.windows)")
-    a("--form", help="corpus form: pages, rows or stream (default: the corpus's own)")
-    a("--detokenize", action=argparse.BooleanOptionalAction, default=False,
-      help="apply lm-evaluation-harness's WikiText detokenizer; counts stay on the original text")
-    a("--data-dir", default=os.environ.get("LMLOSS_DATA_DIR"), help="offline corpora folder ($LMLOSS_DATA_DIR)")
-    a("--max-length", type=int, help="model inputs per window (default: the model's context; KL: the shorter)")
-    a("--stride", type=int, help="sliding plan: how far windows move (default max_length // 2)")
-    a("--bos-every-window", action=argparse.BooleanOptionalAction, default=False,
-      help="put BOS (else EOS) at the start of every window; plan chunks: write BOS over each chunk's first "
-           "token when the token list starts with BOS (llama.cpp)")
-    a("--add-bos", choices=ADD_BOS_RULES, default="no",
-      help="does each document's token list start with BOS? as lmloss eval --add-bos, decided per model "
-           "(KL mode: by the shared tokenizer and the reference)")
-    a("--score-from", type=score_from_arg, help="plan chunks: context-only predictions at the start of each "
-      "chunk: N, or 'half' for max_length // 2 (llama.cpp's); default 0")
-    a("--chunks", type=int, help="plan chunks: score only the first K chunks")
+    add_window_options(a)  # --add-bos is decided per model (KL mode: by the shared tokenizer)
     a("--batch-size", type=int, help="windows per forward pass (default: lmloss.evaluate's)")
     a("--head-impl", choices=("fused", "logits"), default="fused", help="paired mode: output head + loss")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
@@ -94,22 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def split_list(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
-
-
-def _apply_preset(parser: argparse.ArgumentParser, argv) -> None:
-    """A --preset's keys become the parser's defaults (the command line wins), as in lmloss eval."""
-    known, _ = parser.parse_known_args(argv)
-    if not known.preset:
-        return
-    path = Path(known.preset) if known.preset.endswith(".toml") else CONFIGS / f"{known.preset}.toml"
-    if not path.is_file():
-        names = ", ".join(sorted(f.stem for f in CONFIGS.glob("*.toml")))
-        parser.error(f"unknown preset {known.preset!r}: no {path}; presets: {names}")
-    preset = tomllib.loads(path.read_text())
-    unknown = sorted(set(preset) - {a.dest for a in parser._actions})
-    if unknown:
-        parser.error(f"preset {path} has unknown keys {unknown}; keys are option names with '_'")
-    parser.set_defaults(**preset)
 
 
 def _check_mode(p: argparse.ArgumentParser, args) -> None:
@@ -142,7 +102,7 @@ def _check_mode(p: argparse.ArgumentParser, args) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
-    _apply_preset(parser, argv)
+    apply_preset(parser, argv)
     args = parser.parse_args(argv)
     _check_mode(parser, args)
     for option, value in (("--max-length", args.max_length), ("--batch-size", args.batch_size),
@@ -437,9 +397,9 @@ def run_kl(args) -> dict:
         print(f"note: {note}")
     print(kl_table(kl))
     totals = [result.reference_totals, result.model_totals]
-    print("\n" + models_table(["reference: " + args.reference, "model: " + args.model], totals,
-                              [ci.get("bits_per_byte") for ci in cis], True))
-    print("\n" + pairs_table(names, paired))
+    labels = [f"reference ({args.reference_dtype or args.dtype})", f"model ({args.dtype})"]  # files: header line
+    print("\n" + models_table(labels, totals, [ci.get("bits_per_byte") for ci in cis], True))
+    print("\n" + pairs_table(labels, paired))
     out = dict(config=dict(vars(args), resolved=dict(c, dataset=spec)), versions=_versions(), kl=kl,
                reference=_model_json(args.reference, totals[0], cis[0]),
                model=_model_json(args.model, totals[1], cis[1]), pair=_pair_json(names, paired.pairs[0]),

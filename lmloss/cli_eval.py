@@ -37,6 +37,7 @@ from lmloss.distributed import init_from_env
 from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, resolve_window
 from lmloss.models import peek_config, resolve_device
 from lmloss.outputs import check_output_path, write_atomic
+from lmloss.windows import PLANS
 
 __all__ = ["build_parser", "parse_args", "run", "main"]
 
@@ -73,24 +74,18 @@ def bos_in_tokens(rule: str, tokenizer) -> tuple[bool, str]:
     return rule == "yes", f"--add-bos {rule}"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmloss eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--model", default=os.environ.get("LMLOSS_MODEL") or "gpt2",
-      help="hub name, local folder or .gguf file (default: $LMLOSS_MODEL, else gpt2)")
-    a("--dataset", default="wikitext",
-      help="corpus name (wikitext, lambada, ptb, ...; see lmloss.corpora), hf:PATH[:CONFIG[:SPLIT[:FIELD]]], "
-           "or a .txt/.jsonl/.parquet path; a comma list evaluates each with the model loaded once")
-    a("--tokenizer", help="tokenizer spec (default: the model's)")
+def add_window_options(a) -> None:
+    """The options that choose the text and the windows, shared by lmloss eval and compare-models
+    (`a` is a parser's add_argument); presets set their defaults."""
     a("--preset", help=f"configs/<name>.toml: {', '.join(sorted(f.stem for f in CONFIGS.glob('*.toml')))}")
-    a("--plan", choices=("lm-eval", "sliding", "chunks"), default="lm-eval", help="window plan (lmloss.windows)")
+    a("--plan", choices=PLANS, default="lm-eval", help="window plan (lmloss.windows)")
     a("--form", help="corpus form: pages, rows, stream or raw (default: the corpus's own)")
     a("--detokenize", action=argparse.BooleanOptionalAction, default=False,
       help="apply lm-evaluation-harness's WikiText detokenizer; counts stay on the original text")
     a("--data-dir", default=os.environ.get("LMLOSS_DATA_DIR"),
       help="offline corpora folder (default: $LMLOSS_DATA_DIR)")
-    a("--max-length", type=int, help="model inputs per window (default: the model's context length)")
+    a("--max-length", type=int, help="model inputs per window (default: the model's context length; "
+      "compare-models KL mode: the shorter of the two)")
     a("--stride", type=int, help="sliding plan: how far windows move (default max_length // 2)")
     a("--bos-every-window", action=argparse.BooleanOptionalAction, default=False,
       help="put BOS (else EOS) at the start of every window; plan chunks: write BOS over each chunk's first "
@@ -102,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--score-from", type=score_from_arg, help="plan chunks: predictions at the start of each chunk that are "
       "context only: N, or 'half' for max_length // 2 (llama.cpp's); default 0 (the GPTQ loop)")
     a("--chunks", type=int, help="plan chunks: score only the first K chunks (llama-perplexity --chunks K)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmloss eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", default=os.environ.get("LMLOSS_MODEL") or "gpt2",
+      help="hub name, local folder or .gguf file (default: $LMLOSS_MODEL, else gpt2)")
+    a("--dataset", default="wikitext",
+      help="corpus name (wikitext, lambada, ptb, ...; see lmloss.corpora), hf:PATH[:CONFIG[:SPLIT[:FIELD]]], "
+           "or a .txt/.jsonl/.parquet path; a comma list evaluates each with the model loaded once")
+    a("--tokenizer", help="tokenizer spec (default: the model's)")
+    add_window_options(a)
     a("--batch-size", type=int, help="windows per forward pass (default: 2 on the CPU, where small "
       "batches stay in cache and ran 5-10%% faster than 4 or 8; 32 on a GPU, 8 if the model's head "
       "is not separable)")
@@ -131,21 +139,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_preset(parser: argparse.ArgumentParser, argv) -> None:
+    """A --preset's keys become the parser's defaults (the command line wins)."""
+    known, _ = parser.parse_known_args(argv)
+    if not known.preset:
+        return
+    path = Path(known.preset) if known.preset.endswith(".toml") else CONFIGS / f"{known.preset}.toml"
+    if not path.is_file():
+        names = ", ".join(sorted(f.stem for f in CONFIGS.glob("*.toml")))
+        parser.error(f"unknown preset {known.preset!r}: no {path}; presets: {names}")
+    preset = tomllib.loads(path.read_text())
+    unknown = sorted(set(preset) - {a.dest for a in parser._actions})
+    if unknown:
+        parser.error(f"preset {path} has unknown keys {unknown}; keys are option names with '_'")
+    parser.set_defaults(**preset)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """argparse, with the preset's keys as defaults (the command line wins)."""
     parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    if known.preset:
-        path = Path(known.preset) if known.preset.endswith(".toml") else CONFIGS / f"{known.preset}.toml"
-        if not path.is_file():
-            names = ", ".join(sorted(f.stem for f in CONFIGS.glob("*.toml")))
-            parser.error(f"unknown preset {known.preset!r}: no {path}; presets: {names}")
-        preset = tomllib.loads(path.read_text())
-        dests = {a.dest for a in parser._actions}
-        unknown = sorted(set(preset) - dests)
-        if unknown:
-            parser.error(f"preset {path} has unknown keys {unknown}; keys are option names with '_'")
-        parser.set_defaults(**preset)
+    apply_preset(parser, argv)
     args = parser.parse_args(argv)
     if args.stride is not None and (args.stride < 1 or (args.max_length and args.stride > args.max_length)):
         parser.error(f"--stride must be between 1 and --max-length ({args.max_length}), got {args.stride}")
@@ -440,7 +453,7 @@ def report(args, result, ci: dict) -> None:
     chunks = chunk_numbers(result)
     if chunks:
         shown = chunks["running_ppl"][:50]
-        print(f"llama-perplexity's running PPL by chunk: " + ",".join(f"[{k}]{v:.4f}" for k, v in enumerate(shown, 1))
+        print("llama-perplexity's running PPL by chunk: " + ",".join(f"[{k}]{v:.4f}" for k, v in enumerate(shown, 1))
               + (f",... ({chunks['n_chunks']} chunks)" if len(shown) < chunks["n_chunks"] else ""))
         print(f"llama-perplexity's Final estimate: PPL = {result.totals.token_perplexity:.4f} +/- "
               f"{chunks['ppl_uncertainty']:.5f} (PPL * sqrt((sum v^2 / N - (sum v / N)^2) / (N - 1)), sum v^2 = "

@@ -75,3 +75,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def triton_interpreter():
+    """run(test_file, *pytest_args): its Triton cases ("triton and not interpreter") in a fresh pytest
+    process under TRITON_INTERPRET=1 (which must be set before triton is imported), on the CPU;
+    fails with that process's output unless they pass."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+
+    def run(test_file: str, *args: str) -> None:
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file,
+                               "-k", "triton and not interpreter", *args], env=env, capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+    return run

@@ -8,9 +8,6 @@ machine it runs natively.
 
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -317,14 +314,8 @@ def test_triton_configs_and_rising_maxima():
 
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRET or CUDA, reason="already running the triton cases directly")
-def test_triton_kernel_in_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                           "-k", "triton and not interpreter"], env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+def test_triton_kernel_in_interpreter(triton_interpreter):
+    triton_interpreter(__file__)
 
 
 @pytest.mark.cuda

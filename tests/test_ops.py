@@ -9,9 +9,7 @@ imported); on a CUDA machine they run natively.
 import functools
 import math
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -379,14 +377,8 @@ def test_triton_launchers_take_the_tile_config_as_data():
 
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRET or CUDA, reason="already running the triton cases directly")
-def test_triton_kernels_in_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                           "-k", "triton and not interpreter"], env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+def test_triton_kernels_in_interpreter(triton_interpreter):
+    triton_interpreter(__file__)
 
 
 @pytest.mark.cuda

@@ -4,7 +4,6 @@ reference's answer or a clear error, never a silently wrong number or a hang.
 Case counts are pinned by `settings(max_examples=...)` so that the suite's size is known; the
 closing note of the issue reports them.
 """
-import math
 
 import pytest
 import torch

@@ -6,9 +6,6 @@ must be set before triton is imported); on a CUDA machine it runs natively.
 
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -326,14 +323,8 @@ def test_linear_bad_inputs():
 
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRET or CUDA, reason="already running the triton cases directly")
-def test_triton_kernel_in_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                           "-k", "triton and not interpreter", "-W", "ignore::RuntimeWarning"], env=env,
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+def test_triton_kernel_in_interpreter(triton_interpreter):
+    triton_interpreter(__file__, "-W", "ignore::RuntimeWarning")
 
 
 @pytest.mark.skipif(not (INTERPRET or CUDA), reason="the launcher needs CUDA or TRITON_INTERPRET=1")
