@@ -240,13 +240,18 @@ def kl_table(kl: dict) -> str:
     return "\n".join(lines)
 
 
+def _short(name: str) -> str:
+    """A local file or folder by its own name; a hub name as it is."""
+    return Path(name).name if Path(name).exists() else name
+
+
 def models_table(names: list[str], totals: list, cis: list, comparable: bool) -> str:
     """One row per model: the sums, token perplexity and bits per byte (per char) from them."""
     lines = [f"{'model':32s} {'tokens':>9s} {'bytes':>10s} {'chars':>10s} {'nll_nats':>14s} {'token_ppl':>10s} "
              f"{'bits/byte':>9s}  {'95% CI (bits/byte)':22s} {'bits/char':>9s}"]
     for name, t, ci in zip(names, totals, cis):
         bpc = f"{t.bits_per_char:9.6f}" if t.n_chars else f"{'n/a':>9s}"
-        lines.append(f"{name[-32:]:32s} {t.n_tokens:9d} {t.n_bytes:10d} {t.n_chars:10d} {t.nll_nats:14.4f} "
+        lines.append(f"{_short(name)[-32:]:32s} {t.n_tokens:9d} {t.n_bytes:10d} {t.n_chars:10d} {t.nll_nats:14.4f} "
                      f"{t.token_perplexity:10.4f} {t.bits_per_byte:9.6f}  {_ci(ci):22s} {bpc}")
     flag = "" if comparable else " (not comparable: tokenizers differ)"
     lines.append(f"token_ppl = exp(nll_nats / tokens){flag}; bits/byte = nll_nats / (ln 2 * bytes); "
@@ -258,7 +263,7 @@ def pairs_table(names: list[str], paired) -> str:
     lines = [f"{'pair (a -> b)':40s} {'delta bits/byte':>15s}  {'95% CI (paired bootstrap)':26s} b better on"]
     for p in paired.pairs:
         a, b = paired.bits_per_byte[p.a], paired.bits_per_byte[p.b]
-        lines.append(f"{(names[p.a][-19:] + ' -> ' + names[p.b][-17:]):40s} {p.delta_bits_per_byte:15.6f}  "
+        lines.append(f"{(_short(names[p.a])[:18] + ' -> ' + _short(names[p.b])[:18]):40s} {p.delta_bits_per_byte:15.6f}  "
                      f"{_ci(p.ci):26s} {p.n_b_better}/{p.n_documents} documents ({p.share_b_better:.3f})")
         lines.append(f"{'':40s} = {b:.6f} - {a:.6f}")
     lines.append("delta = bpb(b) - bpb(a) of the pooled sums (negative: b is better); the interval resamples "

@@ -72,3 +72,36 @@ def test_evaluate_fused_equals_logits_path(gemma, page):
     assert fused.totals.n_tokens == logits.totals.n_tokens == len(tokenizer.encode(doc.text))
     assert fused.totals.nll_nats == pytest.approx(logits.totals.nll_nats, rel=2e-5)
     torch.testing.assert_close(fused.token_nll[0], logits.token_nll[0], rtol=0, atol=2e-4)
+
+
+# lm-evaluation-harness 0.4.13, `wikitext` task on the first 3 pages (HFLM, pretrained=<folder>,
+# gguf_file=gemma-3-270m-q4_k_m.gguf, dtype=float32, max_length=512, batch_size=1, CPU): the
+# log-likelihoods it logs. Its HFLM encodes each page with the tokenizer's default, and Gemma's
+# tokenizer adds BOS, so <bos> starts the token list and is scored after the <bos> prefix.
+LM_EVAL_512 = (-4339.8907470703125, -22015.30078125, -9747.13525390625)
+
+
+def test_lm_eval_preset_parity_with_bos_in_the_token_list(gemma, assets):
+    """lm-eval scores with a float32 log_softmax over 262,144 classes, whose sum of exponentials
+    rounds low: its log-likelihoods sit 1.0-1.2e-5 above the exact ones. A float32 loop on lmloss's
+    windows reproduces them (bit for bit here); a float64 loop gives lmloss's numbers."""
+    from lmloss.cli_eval import bos_in_tokens
+
+    model, tokenizer = gemma
+    docs = lmloss.load_corpus("wikitext", data_dir=str(assets / "corpora"), limit=3, detokenize=True)
+    on, why = bos_in_tokens("lm-eval", tokenizer)
+    assert on and "adds BOS" in why
+    result = lmloss.evaluate(model, tokenizer, docs, plan="lm-eval", max_length=512, bos_in_tokens=on, progress=False)
+    for d, want in zip(result.per_document, LM_EVAL_512):
+        assert -d.totals.nll_nats == pytest.approx(want, rel=1.5e-5)
+    ids = [tokenizer.bos_id] + list(tokenizer.encode(docs[0].text))
+    assert result.per_document[0].totals.n_tokens == len(ids)  # BOS is a scored target
+    f32 = f64 = 0.0
+    for w in lmloss.plan_windows([len(ids)], plan="lm-eval", max_length=512, prefix_id=tokenizer.bos_id):
+        inputs, targets = w.inputs(ids), torch.tensor(w.targets(ids)[-w.n_scored:])[:, None]
+        with torch.inference_mode():
+            z = model(torch.tensor([inputs]))[0, len(inputs) - w.n_scored:]
+        f32 += float(z.log_softmax(-1).gather(-1, targets).sum())  # as lm-eval: float32, summed per window
+        f64 += float(z.double().log_softmax(-1).gather(-1, targets).sum())
+    assert f32 == pytest.approx(LM_EVAL_512[0], rel=1e-7)  # bit for bit with the same threads
+    assert -result.per_document[0].totals.nll_nats == pytest.approx(f64, rel=1e-7)
