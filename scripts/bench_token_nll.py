@@ -33,7 +33,6 @@ N x V temporary; it can miss a spike shorter than the sampling period.
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
