@@ -236,7 +236,7 @@ def test_output_paths_are_checked_before_any_work(compare, tmp_path, capsys, mon
 def test_unwritable_output_folder_is_checked_before_any_work(compare, tmp_path, capsys, monkeypatch):
     _no_work(compare, monkeypatch)
     real_access = os.access
-    monkeypatch.setattr(compare.os, "access",  # chmod cannot stop root, so the check is told the answer
+    monkeypatch.setattr(os, "access",  # chmod cannot stop root, so the check is told the answer
                         lambda p, mode, **kw: False if Path(p).resolve() == tmp_path.resolve()
                         else real_access(p, mode, **kw))
     assert compare.main(["--tokenizers", "gpt2", "--dataset", "wikitext", "--json", str(tmp_path / "r.json")]) == 2
@@ -266,7 +266,7 @@ def test_json_is_replaced_atomically_with_the_umask_mode(compare, assets, tmp_pa
         renames.append((Path(src), Path(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(compare.os, "replace", spy)
+    monkeypatch.setattr(os, "replace", spy)
     assert compare.main(argv) == 0
     rows = json.loads(out.read_text())
     assert [r["tokenizer"] for r in rows] == ["gpt2"] and rows[0]["n_bytes"] == 24
@@ -279,7 +279,7 @@ def test_json_is_replaced_atomically_with_the_umask_mode(compare, assets, tmp_pa
         raise OSError(28, "No space left on device")
 
     out.write_text("old rows\n")
-    monkeypatch.setattr(compare.os, "replace", disk_full)
+    monkeypatch.setattr(os, "replace", disk_full)
     assert compare.main(argv) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert out.read_text() == "old rows\n" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "rows.json"]
