@@ -438,8 +438,10 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
     if world_size > 1:
         _merge_ranks(result)
     if result.totals.n_tokens == 0:
+        why = (f"; plan 'chunks' scores whole chunks only, so a document needs at least max_length tokens: pass a "
+               f"smaller max_length or a longer text" if plan == "chunks" else "; pass a corpus with text")
         raise ValueError(f"no token to score: the {len(documents)} documents hold no scored token under "
-                         f"plan {plan!r} (max_length {max_length}); pass a corpus with text")
+                         f"plan {plan!r} (max_length {max_length}){why}")
     return result
 
 

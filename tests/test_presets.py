@@ -215,3 +215,8 @@ def test_smollm2_llama_cpp_preset_matches_llama_perplexity_and_a_transformers_lo
     for got, f32, q4 in zip(running, LLAMA_CPP_F32, LLAMA_CPP_Q4_1):
         assert got == pytest.approx(f32, rel=1e-4)  # same float32 arithmetic: to 4.7e-5 here
         assert got == pytest.approx(q4, rel=1e-2)  # llama.cpp's 8-bit activations move it 0.1-0.5%
+
+
+def test_chunks_on_a_text_shorter_than_one_chunk_is_an_error(model):
+    with pytest.raises(ValueError, match="a document needs at least max_length tokens"):
+        lmloss.evaluate(model, ByteTokenizer(), [Document("too short")], plan="chunks", max_length=32, progress=False)
