@@ -16,6 +16,7 @@ COMMANDS = {  # name -> (module, what it does)
     "eval": ("lmloss.cli_eval", "evaluate a model on a corpus: perplexities and bits per byte"),
     "compare-tokenizers": ("lmloss.cli_compare", "compare tokenizers (and models) on corpora"),
     "compare-models": ("lmloss.cli_compare_models", "compare models: KL against a reference, paired bits per byte"),
+    "cache": ("lmloss.cli_cache", "list or clear the converted GGUF models (lmloss.gguf_cache)"),
 }
 
 

@@ -21,30 +21,58 @@ load its manifest.json must hold the key's inputs, every file the size it was wr
 up to 64 MiB their sha256), and read() must succeed; otherwise the entry is removed and rebuilt. Two
 processes converting one file at once both succeed: the later rename finds the entry and uses it.
 
-Where: $LMLOSS_CACHE_DIR, else $XDG_CACHE_HOME/lmloss, else ~/.cache/lmloss. Nothing is evicted;
-delete the folder to get the space back (about 4 bytes per parameter for a model).
+Size: $LMLOSS_CACHE_MAX_GB (1 GB = 1e9 bytes, default 20: about 5e9 float32 parameters, so several
+small models or one of up to ~5B fit, while a disk of a few hundred GB keeps most of its room). After
+each write, the least recently used entries go until the entries' sizes sum to at most the limit:
+use = the mtime of the entry's .used file, touched by each load that reads the entry, so eviction
+follows use, not creation. The entry just written stays even when it alone exceeds the limit (one
+warning says so; the next write removes it). 0 keeps nothing new: a load converts into a temporary
+folder, reads it and deletes it, while entries already there are still read (`lmloss cache clear`
+removes them); inf sets no limit. `lmloss cache list|clear|dir` shows and empties the cache.
+
+Concurrent readers: a reader holds a shared flock on the entry's .used from before it checks the
+entry until read() returns; eviction and `lmloss cache clear` take it exclusively without waiting,
+skip an entry another process holds, and remove an entry by renaming it away in one step while they
+hold the lock. A reader that was waiting then finds the entry gone and converts again, and one whose
+entry is deleted under it anyway (`rm -rf`, or a file system without locks: NFS without lockd,
+Windows) warns and converts again; files a reader has already opened or mmap'ed stay readable after
+their removal (POSIX).
+
+Where: $LMLOSS_CACHE_DIR, else $XDG_CACHE_HOME/lmloss, else ~/.cache/lmloss (about 4 bytes per
+parameter for a model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
-__all__ = ["FORMAT", "cache_root", "entry_folder", "gguf_fingerprint", "load_cached"]
+try:
+    import fcntl  # POSIX advisory locks (flock)
+except ImportError:  # Windows: use is recorded, not locked; readers still fall back to converting
+    fcntl = None
+
+__all__ = ["DEFAULT_MAX_GB", "FORMAT", "CacheEntry", "cache_entries", "cache_max_bytes", "cache_root", "entry_folder",
+           "evict", "gguf_fingerprint", "load_cached", "remove_entry"]
 
 FORMAT = 1  # bump when what an entry holds changes: older entries then miss
+DEFAULT_MAX_GB = 20.0  # $LMLOSS_CACHE_MAX_GB when unset: ~5e9 float32 parameters (a 7B model needs 28)
 _MIB = 2**20
 _HASHED_FILE_BYTES = 64 * _MIB  # files up to this size are checked by sha256 at each load
 _STALE_TEMP_S = 3600.0  # a .tmp-* folder untouched this long belongs to a process that died
+_USED = ".used"  # in each entry: mtime = last use; a shared flock on it while a process reads the entry
 T = TypeVar("T")
 
 
@@ -55,6 +83,23 @@ def cache_root() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lmloss"
     return Path.home() / ".cache" / "lmloss"
+
+
+def cache_max_bytes() -> float:
+    """$LMLOSS_CACHE_MAX_GB * 1e9 (read at each call; unset or empty: DEFAULT_MAX_GB): 0.0 keeps nothing
+    new, math.inf ("inf") sets no limit. Raises ValueError for anything but a number >= 0."""
+    raw = os.environ.get("LMLOSS_CACHE_MAX_GB", "").strip()
+    if not raw:
+        return DEFAULT_MAX_GB * 1e9
+    try:
+        max_gb = float(raw)
+    except ValueError:
+        max_gb = math.nan
+    if not max_gb >= 0:  # also nan
+        raise ValueError(f"LMLOSS_CACHE_MAX_GB={raw!r} is not a size in gigabytes: expected a number >= 0 such as "
+                         f"20 or 0.5 (0 keeps nothing new, inf sets no limit); set it to one, or unset it for the "
+                         f"default of {DEFAULT_MAX_GB:g}")
+    return max_gb * 1e9
 
 
 def _version(package: str) -> str | None:
@@ -95,32 +140,72 @@ def entry_folder(path, inputs: dict) -> Path:
 
 def load_cached(path, part: str, read: Callable[[Path], T]) -> T:
     """read(entry) for the cache entry of GGUF file `path` and `part` ("model" or "tokenizer"); the
-    entry is written first when missing, and rewritten when stale, partial or unreadable (read raises:
-    a warning says why). Raises check_gguf's ValueError for a missing, truncated or non-GGUF file
-    before anything is written, and ValueError when the entry cannot be written."""
+    entry is written first when missing (then older entries are evicted down to cache_max_bytes()),
+    and rewritten when stale, partial, unreadable or deleted while read (a warning says why). Raises
+    check_gguf's ValueError for a missing, truncated or non-GGUF file and ValueError for a bad
+    $LMLOSS_CACHE_MAX_GB, both before anything is written, and ValueError when the entry cannot be
+    written."""
     write = {"model": _write_model, "tokenizer": _write_tokenizer}.get(part)
     if write is None:
         raise ValueError(f"unknown cache part {part!r}; expected 'model' or 'tokenizer'")
+    max_bytes = cache_max_bytes()
     path = Path(path).expanduser()
     inputs = gguf_fingerprint(path)
     entry = entry_folder(path, inputs) / part
-    if entry.exists():
-        problem = _problem(entry, part, inputs)
-        if problem is None:
-            try:
-                return read(entry)
-            except Exception as err:  # a corrupt safetensors file, a config transformers refuses, ...
-                problem = f"reading it failed ({type(err).__name__}: {str(err)[:300]})"
-        warnings.warn(f"lmloss cache entry {entry} (for {path}) is unusable, rebuilding it: {problem}",
-                      RuntimeWarning, stacklevel=2)
-        _discard(entry)
+    with _reading(entry) as found:  # while it is open, no eviction removes the entry
+        if found:
+            problem = _problem(entry, part, inputs)
+            if problem is None:
+                try:
+                    result = read(entry)
+                except Exception as err:  # a corrupt safetensors file, a config transformers refuses, ...
+                    problem = f"reading it failed ({type(err).__name__}: {str(err)[:300]})"
+                else:
+                    _record_use(entry)
+                    return result
+            if not entry.exists():
+                warnings.warn(f"lmloss cache entry {entry} (for {path}) was deleted while this process read it "
+                              "(by hand, or on a file system without locks); converting the file again",
+                              RuntimeWarning, stacklevel=2)
+            else:
+                warnings.warn(f"lmloss cache entry {entry} (for {path}) is unusable, rebuilding it: {problem}",
+                              RuntimeWarning, stacklevel=2)
+                _discard(entry)
     try:
-        _build(path, part, inputs, entry, write)
+        tmp = _convert(path, part, inputs, entry.parent.parent, write)
+        lock = None if max_bytes == 0 else _publish(tmp, entry)  # _publish holds a lock: no eviction takes it
     except OSError as err:  # a full disk, a read-only or misplaced cache folder
         raise ValueError(f"could not write the cache entry {entry} for {path} ({type(err).__name__}: {err}); "
                          "free disk space, set LMLOSS_CACHE_DIR to a writable folder, or load with "
                          "cache=False") from err
-    return read(entry)
+    if max_bytes == 0:  # keep nothing new: read the conversion where it was written, then delete it
+        try:
+            return read(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _evict_after_write(entry, max_bytes, path)
+        return read(entry)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _evict_after_write(entry: Path, max_bytes: float, path: Path) -> None:
+    """evict() down to max_bytes, keeping `entry`; one warning when `entry` alone is over the limit."""
+    if max_bytes == math.inf:
+        return
+    evict(max_bytes, keep=entry)
+    try:
+        n_bytes = _describe(entry).n_bytes
+    except OSError:
+        return
+    if n_bytes > max_bytes:
+        warnings.warn(f"the lmloss cache entry {entry} for {path.name} holds {n_bytes / 1e9:.2f} GB, more than "
+                      f"LMLOSS_CACHE_MAX_GB={max_bytes / 1e9:g} allows; it is kept until the next entry is written "
+                      "(every other entry not in use was removed). Set LMLOSS_CACHE_MAX_GB above "
+                      f"{math.ceil(n_bytes / 1e9)} to keep it, or to 0 to keep no new entries",
+                      RuntimeWarning, stacklevel=3)
 
 
 # -- writing an entry ----------------------------------------------------------------------------
@@ -163,10 +248,8 @@ def _write_tokenizer(path: Path, folder: Path) -> None:
     AutoTokenizer.from_pretrained(str(path.parent.resolve()), gguf_file=path.name).save_pretrained(folder)
 
 
-def _build(path: Path, part: str, inputs: dict, entry: Path, write: Callable[[Path, Path], None]) -> None:
-    """write() into a temporary folder, then manifest.json, fsync, and rename it to `entry`; if another
-    process renamed its own there first, keep that one."""
-    gguf_dir = entry.parent.parent
+def _convert(path: Path, part: str, inputs: dict, gguf_dir: Path, write: Callable[[Path, Path], None]) -> Path:
+    """write() into a new temporary folder in gguf_dir, then its manifest.json: that folder."""
     gguf_dir.mkdir(parents=True, exist_ok=True)
     _sweep(gguf_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{part}-", dir=gguf_dir))
@@ -180,18 +263,50 @@ def _build(path: Path, part: str, inputs: dict, entry: Path, write: Callable[[Pa
                     "files": {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)}
                               for f in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        for f in [*files, tmp / "manifest.json"]:
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _publish(tmp: Path, entry: Path) -> int | None:
+    """fsync tmp, then rename it to `entry` while holding a shared lock on its .used, so that no eviction
+    removes it before it is read; if another process published there first, lock and keep that one.
+    Returns the lock's descriptor for the caller to close (None where no lock could be taken)."""
+    lock = None
+    try:
+        for f in sorted(f for f in tmp.rglob("*") if f.is_file()):
             _fsync(f)
         _fsync(tmp)
-        entry.parent.mkdir(exist_ok=True)
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not entry.exists():
-                raise
-            # another process published this entry while we converted: both are the same conversion
-        else:
-            _fsync(entry.parent)
+        lock = _open_used(tmp)
+        if lock is not None:
+            _lock(lock, exclusive=False)
+        for attempt in range(3):
+            entry.parent.mkdir(exist_ok=True)
+            try:
+                os.rename(tmp, entry)
+                break
+            except FileNotFoundError:  # an eviction removed the emptied parent between mkdir and rename
+                if attempt == 2:
+                    raise
+            except OSError:
+                if not entry.exists():
+                    raise
+                # another process published this entry while we converted: both are the same conversion
+                if lock is not None:
+                    os.close(lock)
+                lock = None
+                with contextlib.suppress(FileNotFoundError):
+                    lock = _open_used(entry)
+                    if lock is not None:
+                        _lock(lock, exclusive=False)
+                return lock
+        _fsync(entry.parent)
+        return lock
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
@@ -227,6 +342,152 @@ def _fsync(path: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+# -- the entries, their use and their eviction ---------------------------------------------------
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One entry: folder = cache_root() / "gguf" / "<stem>-<key>" / part."""
+
+    folder: Path
+    part: str
+    source: str  # the GGUF file it was converted from, as the manifest names it ("?" when unreadable)
+    n_bytes: int  # its files' sizes summed
+    last_use_s: float  # unix time of the last load that read it (of its writing when never read)
+
+
+def cache_entries() -> list[CacheEntry]:
+    """Every entry under cache_root() / "gguf", least recently used first (temporaries aside)."""
+    found = []
+    gguf_dir = cache_root() / "gguf"
+    for folder in sorted(gguf_dir.glob("*/*")):
+        if folder.parent.name.startswith(".") or folder.name.startswith(".") or not folder.is_dir():
+            continue
+        try:
+            found.append(_describe(folder))
+        except OSError:  # removed meanwhile
+            continue
+    return sorted(found, key=lambda e: e.last_use_s)
+
+
+def _describe(folder: Path) -> CacheEntry:
+    try:
+        source = str(json.loads((folder / "manifest.json").read_text())["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        source = "?"
+    n_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    for marker in (folder / _USED, folder / "manifest.json", folder):  # an entry of an older lmloss has no .used
+        with contextlib.suppress(FileNotFoundError):
+            return CacheEntry(folder, folder.name, source, n_bytes, marker.stat().st_mtime)
+    raise FileNotFoundError(folder)
+
+
+def evict(max_bytes: float, *, keep: Path | None = None) -> list[CacheEntry]:
+    """Remove entries, least recently used first, until their sizes sum to at most max_bytes; never
+    `keep` nor an entry that a process is reading (remove_entry). Returns the removed entries."""
+    entries = cache_entries()
+    total = sum(e.n_bytes for e in entries)
+    keep = None if keep is None else Path(keep).resolve()
+    removed = []
+    for e in entries:
+        if total <= max_bytes:
+            break
+        if e.folder.resolve() == keep:
+            continue
+        try:
+            gone = remove_entry(e.folder)
+        except OSError:  # a folder this user may not delete: the next one may go
+            continue
+        if gone:
+            total -= e.n_bytes
+            removed.append(e)
+    return removed
+
+
+def remove_entry(folder) -> bool:
+    """Remove one entry, unless a process is reading it (holds the shared lock on its .used): under an
+    exclusive lock, renamed out of the way in one step, then deleted; its parent goes too once empty.
+    True if this call removed it; False if it is in use or gone already. OSError if it cannot be moved."""
+    folder = Path(folder)
+    try:
+        lock = _open_used(folder)
+    except FileNotFoundError:
+        return False
+    try:
+        if lock is not None and not (_lock(lock, exclusive=True) and _same_file(lock, folder / _USED)):
+            return False  # in use, or removed and written again since it was opened
+        trash = folder.parent.parent / f".trash-{os.getpid()}-{time.time_ns()}"
+        try:
+            os.rename(folder, trash)
+        except FileNotFoundError:
+            return False
+    finally:
+        if lock is not None:
+            os.close(lock)
+    shutil.rmtree(trash, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()  # only when empty: the other part may still be there
+    return True
+
+
+@contextlib.contextmanager
+def _reading(entry: Path) -> Iterator[bool]:
+    """Holds a shared lock on entry/.used while open: no eviction removes the entry meanwhile. Gives
+    False when there is no entry (also when one was evicted while this waited for the lock)."""
+    try:
+        lock = _open_used(entry)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        yield lock is None or (_lock(lock, exclusive=False) and _same_file(lock, entry / _USED))
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _record_use(entry: Path) -> None:
+    """Touch entry/.used: eviction goes by its mtime."""
+    with contextlib.suppress(OSError):  # a read-only cache is still read
+        os.utime(entry / _USED)
+
+
+def _open_used(entry: Path) -> int | None:
+    """A descriptor of entry/.used, created if missing; None where it can be neither created nor opened
+    (a read-only cache: such an entry is read unlocked). FileNotFoundError when there is no entry."""
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        try:
+            return os.open(entry / _USED, flags, 0o644)
+        except OSError:
+            if not entry.is_dir():
+                raise FileNotFoundError(f"no cache entry {entry}") from None
+    return None
+
+
+def _lock(fd: int, *, exclusive: bool) -> bool:
+    """flock fd: shared (waiting out an evictor's brief exclusive hold) or exclusive without waiting.
+    False only when another process holds it; True also where locks are missing (no fcntl, or a file
+    system that refuses them): there, removals go ahead and readers fall back to converting."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if exclusive else fcntl.LOCK_SH)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether fd is still the file at path (not one renamed away, replaced or deleted since)."""
+    try:
+        here = os.stat(path)
+    except OSError:
+        return False
+    there = os.fstat(fd)
+    return (here.st_ino, here.st_dev) == (there.st_ino, there.st_dev)
 
 
 # -- checking an entry ---------------------------------------------------------------------------

@@ -303,6 +303,10 @@ def _load_gguf_tokenizer(spec: str, path: Path, *, cache: bool = True) -> HFToke
             raise  # it names the file and the fix
         except Exception as e:
             raise _gguf_error(spec, path, e) from e
+    if cache:
+        from lmloss.gguf_cache import cache_max_bytes
+
+        cache_max_bytes()  # a bad LMLOSS_CACHE_MAX_GB raises its own ValueError, not "the file may be corrupt"
     try:
         if cache:
             from lmloss.gguf_cache import load_cached

@@ -1,13 +1,20 @@
 """The GGUF cache (lmloss.gguf_cache): a cached load equals the uncached one bit for bit and is read
 from the cache the second time; a changed file gets a new entry; a partial, corrupt or stale entry
-is rebuilt, never trusted; cache=False leaves the cache folder alone; two writers both succeed.
+is rebuilt, never trusted; cache=False leaves the cache folder alone; two writers both succeed; past
+LMLOSS_CACHE_MAX_GB the least recently used entries go, never the fresh one nor one being read, and a
+reader whose entry goes anyway converts again.
 Most tests use a tiny llama GGUF with random float32 weights and a byte-level BPE tokenizer, written
 here with the gguf package; the SmolLM2 check is marked slow."""
 import json
+import math
 import multiprocessing
 import os
+import re
 import shutil
 import struct
+import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -428,3 +435,246 @@ def test_smollm2_cached_load_is_bit_identical(assets):
     assert tok.byte_lengths() == want.byte_lengths()
     text = (assets / "corpora" / "wikitext-2-raw-v1" / "wiki.test.raw").read_text(encoding="utf-8")[:100_000]
     assert all(tok.encode(t) == want.encode(t) for t in [*TEXTS, text])
+
+
+# -- the size limit: least recently used entries go, the fresh one stays -----------------------------
+
+def _tiny_copies(tiny_gguf_master, tmp_path, n: int) -> list[Path]:
+    """n GGUF files that differ (seeds 1..n) and have the same size: entries of equal size."""
+    folder = tmp_path / "more"
+    folder.mkdir()
+    return [write_tiny_gguf(folder / f"tiny{i}.gguf", seed=i) for i in range(1, n + 1)]
+
+
+def _set_last_use(entry: Path, seconds_ago: float) -> None:
+    t = time.time() - seconds_ago
+    (entry / ".used").touch()
+    os.utime(entry / ".used", (t, t))
+
+
+def _model_entries(cache: Path) -> dict[str, Path]:
+    """{source file name: entry folder} of the model entries."""
+    return {gguf_cache._describe(e).source.rsplit("/", 1)[-1]: e for e in _entries(cache)}
+
+
+def test_each_load_records_its_use(tiny_gguf, cache_dir, no_conversion):
+    load_model(str(tiny_gguf), device="cpu")
+    [entry] = _entries(cache_dir)
+    assert (entry / ".used").is_file() and ".used" not in json.loads((entry / "manifest.json").read_text())["files"]
+    _set_last_use(entry, 2 * 86400)
+    [listed] = [e for e in gguf_cache.cache_entries() if e.part == "model"]
+    assert listed.folder == entry and time.time() - listed.last_use_s > 86400
+    no_conversion()
+    before_s = time.time()
+    load_model(str(tiny_gguf), device="cpu")
+    [listed] = [e for e in gguf_cache.cache_entries() if e.part == "model"]
+    assert listed.last_use_s >= before_s - 1  # the file system's clock may be coarser than time.time()
+    assert listed.source == str(tiny_gguf) and listed.n_bytes == sum(f.stat().st_size for f in entry.iterdir())
+
+
+def test_eviction_goes_by_last_use_not_by_creation(tiny_gguf_master, tmp_path, cache_dir, monkeypatch):
+    a, b, c = _tiny_copies(tiny_gguf_master, tmp_path, 3)
+    load_model(str(a), device="cpu")
+    load_model(str(b), device="cpu")
+    entries = _model_entries(cache_dir)
+    _set_last_use(entries["tiny1.gguf"], 300)  # written first,
+    _set_last_use(entries["tiny2.gguf"], 200)
+    load_model(str(a), device="cpu")  # ... but used last: read from the cache, which records the use
+    n_bytes = gguf_cache._describe(entries["tiny1.gguf"]).n_bytes
+    monkeypatch.setenv("LMLOSS_CACHE_MAX_GB", str(2.5 * n_bytes / 1e9))  # room for two of the three
+    load_model(str(c), device="cpu")
+    assert sorted(_model_entries(cache_dir)) == ["tiny1.gguf", "tiny3.gguf"]
+    assert not entries["tiny2.gguf"].parent.exists()  # its key folder went with its only part
+    assert not [p for p in (cache_dir / "gguf").iterdir() if p.name.startswith(".")]
+
+
+def test_the_limit_holds_after_every_write(tiny_gguf_master, tmp_path, cache_dir, monkeypatch):
+    files = _tiny_copies(tiny_gguf_master, tmp_path, 5)
+    load_model(str(files[0]), device="cpu")
+    n_bytes = gguf_cache._describe(_entries(cache_dir)[0]).n_bytes
+    max_bytes = 2.5 * n_bytes
+    monkeypatch.setenv("LMLOSS_CACHE_MAX_GB", str(max_bytes / 1e9))
+    for i, path in enumerate(files[1:], start=2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no entry alone is over the limit: no warning
+            load_model(str(path), device="cpu")
+        entries = gguf_cache.cache_entries()
+        assert sum(e.n_bytes for e in entries) <= max_bytes and len(entries) == 2
+        assert {Path(e.source).name for e in entries} == {f"tiny{i - 1}.gguf", f"tiny{i}.gguf"}  # the newest two
+
+
+def test_the_fresh_entry_stays_even_alone_over_the_limit(tiny_gguf, tiny_gguf_master, tmp_path, cache_dir,
+                                                         monkeypatch):
+    [other] = _tiny_copies(tiny_gguf_master, tmp_path, 1)
+    load_tokenizer(str(tiny_gguf))  # a small entry, written under the default limit
+    monkeypatch.setenv("LMLOSS_CACHE_MAX_GB", "1e-9")  # 1 byte
+    want = load_model(str(tiny_gguf), device="cpu", cache=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = load_model(str(tiny_gguf), device="cpu")
+    [warning] = [w for w in caught if "LMLOSS_CACHE_MAX_GB" in str(w.message)]  # once
+    assert re.search(r"tiny\.gguf holds 0\.00 GB, more than LMLOSS_CACHE_MAX_GB=1e-09 allows; it is kept until the "
+                     r"next entry is written .* Set LMLOSS_CACHE_MAX_GB above 1 to keep it", str(warning.message))
+    _assert_same_model(got, want)
+    assert [e.part for e in gguf_cache.cache_entries()] == ["model"]  # the tokenizer went, the fresh entry stayed
+    with pytest.warns(RuntimeWarning, match="LMLOSS_CACHE_MAX_GB"):
+        load_model(str(other), device="cpu")
+    assert list(_model_entries(cache_dir)) == ["tiny1.gguf"]
+
+
+def test_limit_zero_keeps_nothing_new_and_still_reads_what_is_there(tiny_gguf, tiny_gguf_master, tmp_path,
+                                                                      cache_dir, monkeypatch, no_conversion):
+    [other] = _tiny_copies(tiny_gguf_master, tmp_path, 1)
+    load_model(str(tiny_gguf), device="cpu")
+    [entry] = _entries(cache_dir)
+    monkeypatch.setenv("LMLOSS_CACHE_MAX_GB", "0")
+    _assert_same_model(load_model(str(other), device="cpu"), load_model(str(other), device="cpu", cache=False))
+    assert load_tokenizer(str(other)).encode("the cat") == load_tokenizer(str(other), cache=False).encode("the cat")
+    assert _entries(cache_dir) == [entry] and _entries(cache_dir, "tokenizer") == []
+    assert not [p for p in (cache_dir / "gguf").iterdir() if p.name.startswith(".")]  # the conversions are gone
+    no_conversion()
+    load_model(str(tiny_gguf), device="cpu")  # the entry already there is read, not removed
+    assert _entries(cache_dir) == [entry]
+
+
+@pytest.mark.parametrize("value, max_bytes", [("", 20e9), ("0", 0.0), (" 0.5 ", 0.5e9), ("1e-3", 1e6),
+                                              ("inf", math.inf)])
+def test_the_limit_is_read_from_the_environment(monkeypatch, value, max_bytes):
+    monkeypatch.setenv("LMLOSS_CACHE_MAX_GB", value)
+    assert gguf_cache.cache_max_bytes() == max_bytes
+    monkeypatch.delenv("LMLOSS_CACHE_MAX_GB")
+    assert gguf_cache.cache_max_bytes() == gguf_cache.DEFAULT_MAX_GB * 1e9 == 20e9
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "20GB", "-inf"])
+def test_a_bad_limit_says_what_was_expected_before_anything_is_written(tiny_gguf, cache_dir, monkeypatch, value):
+    monkeypatch.setenv("LMLOSS_CACHE_MAX_GB", value)
+    with pytest.raises(ValueError, match=rf"LMLOSS_CACHE_MAX_GB='{re.escape(value)}' is not a size in gigabytes: "
+                                         r"expected a number >= 0 such as 20 or 0\.5 .* or unset it for the default "
+                                         r"of 20"):
+        load_model(str(tiny_gguf), device="cpu")
+    with pytest.raises(ValueError, match=rf"LMLOSS_CACHE_MAX_GB='{re.escape(value)}' is not a size") as err:
+        load_tokenizer(str(tiny_gguf))
+    assert "corrupt" not in str(err.value)  # not wrapped as a damaged file
+    assert not cache_dir.exists()
+
+
+# -- eviction and concurrent readers ----------------------------------------------------------------
+
+def _fake_entry(cache: Path, name: str, part: str, n_bytes: int, used_s_ago: float, *, old: bool = False) -> Path:
+    """An entry's files without a conversion: n_bytes of weights, a manifest naming the source, and its
+    last use (old: as an lmloss without .used files wrote it, the manifest's mtime)."""
+    folder = cache / "gguf" / f"{name}-{'0' * 24}" / part
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"\0" * n_bytes)
+    (folder / "manifest.json").write_text(json.dumps({"source": f"/models/{name}.gguf", "part": part}))
+    if old:
+        t = time.time() - used_s_ago
+        os.utime(folder / "manifest.json", (t, t))
+    else:
+        _set_last_use(folder, used_s_ago)
+    return folder
+
+
+def test_evict_removes_least_recently_used_first_and_never_keep(cache_dir):
+    first = _fake_entry(cache_dir, "first", "model", 1000, used_s_ago=10)  # written first, used last
+    second = _fake_entry(cache_dir, "second", "model", 1000, used_s_ago=300)
+    third = _fake_entry(cache_dir, "third", "model", 1000, used_s_ago=200, old=True)
+    token = _fake_entry(cache_dir, "second", "tokenizer", 1000, used_s_ago=100)
+    sizes = {e.folder: e.n_bytes for e in gguf_cache.cache_entries()}
+    assert [e.folder for e in gguf_cache.cache_entries()] == [second, third, token, first]
+    assert [e.folder for e in gguf_cache.evict(sum(sizes.values()) - 1)] == [second]
+    assert second.parent.exists()  # its tokenizer is still there
+    assert gguf_cache.evict(math.inf) == [] and gguf_cache.evict(sum(sizes.values())) == []
+    assert [e.folder for e in gguf_cache.evict(0, keep=third)] == [token, first]
+    assert [e.folder for e in gguf_cache.cache_entries()] == [third]
+    assert sorted(p.name for p in (cache_dir / "gguf").iterdir()) == [third.parent.name]
+
+
+def test_an_entry_being_read_is_never_evicted(cache_dir):
+    busy = _fake_entry(cache_dir, "busy", "model", 1000, used_s_ago=300)
+    idle = _fake_entry(cache_dir, "idle", "model", 1000, used_s_ago=10)
+    with gguf_cache._reading(busy) as found:
+        assert found
+        assert [e.folder for e in gguf_cache.evict(0)] == [idle]
+        assert gguf_cache.remove_entry(busy) is False and (busy / "model.safetensors").is_file()
+    assert [e.folder for e in gguf_cache.evict(0)] == [busy]
+    assert gguf_cache.remove_entry(busy) is False and list((cache_dir / "gguf").iterdir()) == []
+    with gguf_cache._reading(busy) as found:  # no entry: nothing is created
+        assert not found
+    assert list((cache_dir / "gguf").iterdir()) == []
+
+
+def _open_files() -> list[str]:
+    """The paths of this process's open file descriptors (Linux)."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed meanwhile, e.g. the descriptor listdir used
+            continue
+    return paths
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="watches /proc/self/fd")
+def test_a_reader_that_waited_for_an_eviction_converts_again(tiny_gguf, cache_dir, monkeypatch):
+    """An evictor holds the entry's lock when the reader opens it: the reader waits, then finds the
+    entry gone and converts the file again, without a warning."""
+    import fcntl
+
+    want = load_model(str(tiny_gguf), device="cpu", cache=False)
+    load_model(str(tiny_gguf), device="cpu")
+    [entry] = _entries(cache_dir)
+    used = entry / ".used"
+    evicted = threading.Event()
+    real, converted = gguf_cache._write_model, []
+    monkeypatch.setattr(gguf_cache, "_write_model", lambda path, folder: (converted.append(path), real(path, folder)))
+
+    def evictor():
+        fd = os.open(used, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            for _ in range(6000):  # until the reader has opened .used too (it then waits on the lock)
+                if sum(1 for p in _open_files() if p.endswith("/model/.used")) >= 2:
+                    break
+                time.sleep(0.01)
+            os.rename(entry, cache_dir / "gguf" / ".trash-test")  # as remove_entry does
+            evicted.set()
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=evictor)
+    thread.start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = load_model(str(tiny_gguf), device="cpu")
+    thread.join(timeout=120)
+    assert evicted.is_set() and converted == [tiny_gguf]
+    _assert_same_model(got, want)
+    assert _entries(cache_dir) == [entry] and gguf_cache._problem(entry, "model", gguf_fingerprint(tiny_gguf)) is None
+
+
+def test_a_reader_whose_entry_is_deleted_mid_read_converts_again(tiny_gguf, cache_dir, monkeypatch):
+    """A deletion that ignores the lock (rm -rf; a file system without locks) between the checks and
+    read(): the read fails, and the reader warns and converts again instead of crashing."""
+    import lmloss.models
+
+    want = load_model(str(tiny_gguf), device="cpu", cache=False)
+    load_model(str(tiny_gguf), device="cpu")
+    [entry] = _entries(cache_dir)
+    real = lmloss.models._from_pretrained
+    deleted = []
+
+    def deleting(spec, dtype, **extra):
+        if Path(spec) == entry and not deleted:
+            shutil.rmtree(entry)
+            deleted.append(spec)
+        return real(spec, dtype, **extra)
+
+    monkeypatch.setattr(lmloss.models, "_from_pretrained", deleting)
+    with pytest.warns(RuntimeWarning, match=r"cache entry .* was deleted while this process read it .* converting "
+                                            r"the file again"):
+        got = load_model(str(tiny_gguf), device="cpu")
+    assert deleted
+    _assert_same_model(got, want)
+    assert _entries(cache_dir) == [entry] and gguf_cache._problem(entry, "model", gguf_fingerprint(tiny_gguf)) is None
