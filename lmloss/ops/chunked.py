@@ -9,7 +9,8 @@ by block straight into the gradient tensor (first asking for 2 MiB pages: _threa
 Passes over a block (torch's CPU kernels; only the first reads memory, the rest find it in cache):
     forward   y = x * log2(e) - x_t * log2(e) (one fma, into the buffer); exp2 in place; row sums
               -- shifted by the target logit, not the max, so no max pass; exp2 is ~2x torch's exp
-    backward  softmax (max, exp and write, sum, scale); scatter -1 at the target; times g
+    backward  y = x * log2(e) - lse * log2(e) (one fma, into the gradient); exp2 in place; row sums;
+              minus the one-hot; times g / sum -- shifted by the forward's lse, so no max pass
 A bfloat16/float16 block is first upcast into the block buffer and then worked on in place.
 
 Threads: on CPU the rows are split into ranges taken in turn by one worker per intra-op thread, each
@@ -17,7 +18,7 @@ running single-threaded torch ops (lmloss/ops/_threads.py says why: no fork/join
 worker on a busy core takes fewer ranges).
 
 Identities used:
-    nll = lse - x[t],  lse = log(sum(exp(x)))   (lse is saved for logsumexp() and z-losses)
+    nll = lse - x[t],  lse = log(sum(exp(x)))   (lse is saved: the backward's shift)
     d nll / d x = softmax(x) - onehot(t)
 """
 
@@ -121,34 +122,45 @@ def grad_logits(logits, targets, lse, grad_nll, out):
     """out[i, j] = (softmax(x)[i, j] - [j == targets[i]]) * grad_nll[i], written block by block into out.
 
     No one-hot where targets[i] is outside [0, V). out is (N, V) in logits' dtype; a block is computed
-    in float32 (float64 for float64 logits) and rounded once. `lse` is not read: torch's fused CPU
-    softmax renormalizes a cache-resident block 2.3x faster than exp_(x - lse) (its exp is the
-    faster one), so the normalizer is recomputed from the block instead.
+    in float32 (float64 for float64 logits) and rounded once. The forward's lse is only the shift that
+    keeps exp2 in range, so no max pass; each row is renormalized by its own sum, as a softmax is:
+        y = exp2(fl(x * L + c))      c = fl(-lse * L), L = log2(e) as the compute dtype holds it
+        s = sum(y)                   ~1; the largest terms have y ~ 1, so their rounding is ulp(1)
+        out = (y - s * onehot) * (g / s)
+    Using lse itself as the normalizer would carry the forward's error (its target-shifted terms round
+    at ulp((x_max - x_t) * L), ~5e-6 relative at a 60-nat loss) into every gradient. A row with NaN or
+    +inf logits (lse NaN or inf) comes out NaN, as torch's softmax gives.
     """
     N, V = logits.shape
     cdt = compute_dtype(logits.dtype)
     B = _block_rows(logits, torch.finfo(cdt).bits // 8)
+    L = _log2e(cdt)
     has_onehot = (targets >= 0) & (targets < V)
     tcol = torch.where(has_onehot, targets, 0)[:, None]  # (N, 1)
     minus_onehot = has_onehot.to(cdt).neg_()[:, None]  # (N, 1): -1, or 0 (adding 0 is a no-op)
+    c = (lse.double() * -L).to(cdt)[:, None]  # (N, 1)
     g = grad_nll.to(cdt)[:, None]  # (N, 1)
-    in_place = logits.dtype != cdt or out.dtype != cdt  # a block buffer holds the upcast and the softmax
+    upcast = logits.dtype != cdt or out.dtype != cdt  # a block buffer holds the upcast and the softmax
     advise_huge_pages(out)  # out is usually fresh memory: fault it in 2 MiB pages, not 4 KiB ones
 
     def rows(start, end):
-        buf = torch.empty(B, V, dtype=cdt, device=logits.device) if in_place else None
+        buf = torch.empty(B, V, dtype=cdt, device=logits.device) if upcast else None
+        s_b = torch.empty(B, 1, dtype=cdt, device=logits.device)
+        k_b = torch.empty(B, 1, dtype=cdt, device=logits.device)
         for s in range(start, end, B):
             e = min(s + B, end)
-            if in_place:
-                x = buf[: e - s].copy_(logits[s:e])  # (b, V), cdt
-                p = torch.softmax(x, dim=1, out=x)  # 1. softmax, one fused kernel
+            n = e - s
+            if upcast:
+                y = torch.add(c[s:e], buf[:n].copy_(logits[s:e]), alpha=L, out=buf[:n])
             else:
-                p = torch.softmax(logits[s:e], dim=1, out=out[s:e])
-            p.scatter_add_(1, tcol[s:e], minus_onehot[s:e])  # 2. softmax - onehot
-            if in_place:
-                torch.mul(p, g[s:e], out=out[s:e])  # 3. times g, rounded once to logits' dtype
-            else:
-                p.mul_(g[s:e])
+                y = torch.add(c[s:e], logits[s:e], alpha=L, out=out[s:e])  # 1. y = x * L + c, one fma
+            y.exp2_()  # 2. exp2 in place
+            sb = torch.sum(y, dim=1, keepdim=True, out=s_b[:n])  # 3. row sums
+            kb = torch.div(g[s:e], sb, out=k_b[:n])  # g / s
+            y.scatter_add_(1, tcol[s:e], sb.mul_(minus_onehot[s:e]))  # 4. minus s at the target
+            y.mul_(kb)  # 5. times g / s
+            if upcast:
+                out[s:e].copy_(y)  # 6. rounded once to out's dtype (a fused mul into bfloat16 is 1.6x slower)
 
     _run(rows, N, B, logits.device)
     return out
