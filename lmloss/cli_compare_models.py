@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import platform
 from pathlib import Path
@@ -28,7 +27,7 @@ from lmloss.compare import compare, kl_divergence, paired_bootstrap, tokenizer_d
 from lmloss.data import check_corpus_options, takes_field, takes_subset
 from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, resolve_window
 from lmloss.models import DTYPES, peek_config, resolve_device
-from lmloss.outputs import check_output_path, write_atomic
+from lmloss.outputs import check_output_path, write_all
 
 __all__ = ["build_parser", "parse_args", "run", "main"]
 
@@ -292,14 +291,13 @@ def _model_json(name: str, totals, ci: dict) -> dict:
                 confidence_intervals={k: list(v) for k, v in ci.items()})
 
 
-def _figure_bytes(fig, path: str) -> bytes:
+def _save_figure(fig, path: str | Path) -> None:
+    """The figure into the file `path`, its suffix picking the format."""
     import matplotlib.pyplot as plt
 
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, dpi=120, format=Path(path).suffix[1:].lower())
+    fig.savefig(path, dpi=120, format=Path(path).suffix[1:].lower())
     plt.close(fig)
-    return buf.getvalue()
 
 
 def _pyplot():
@@ -311,8 +309,9 @@ def _pyplot():
     return plt
 
 
-def save_kl_plot(path: str, result) -> None:
-    """Histogram of the per-position KL (log bins), and the mean KL of each document."""
+def save_kl_plot(path: str | Path, result) -> None:
+    """Histogram of the per-position KL (log bins), and the mean KL of each document, drawn into the
+    file `path` (its suffix picks the format; the command passes write_all's temporary file)."""
     import numpy as np
 
     plt = _pyplot()
@@ -330,11 +329,12 @@ def save_kl_plot(path: str, result) -> None:
     ax2.set(xlabel="document", ylabel="mean KL (nats)", title="mean KL by document")
     ax2.legend(loc="upper right")
     fig.suptitle(f"{result.config['reference']} vs {result.config['model']}", fontsize=9)
-    write_atomic(path, _figure_bytes(fig, path))
+    _save_figure(fig, path)
 
 
-def save_paired_plot(path: str, names: list[str], results, paired) -> None:
-    """Bits per byte per model with its interval, and per-document bpb of the first pair (b vs a)."""
+def save_paired_plot(path: str | Path, names: list[str], results, paired) -> None:
+    """Bits per byte per model with its interval, and per-document bpb of the first pair (b vs a),
+    drawn into the file `path` (as save_kl_plot)."""
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     bpb = paired.bits_per_byte
@@ -357,24 +357,17 @@ def save_paired_plot(path: str, names: list[str], results, paired) -> None:
     ax2.set(xlabel=f"a: {Path(names[first.a]).name[-30:]} (bits per byte)",
             ylabel=f"b: {Path(names[first.b]).name[-30:]} (bits per byte)",
             title=f"per document: b better on {first.n_b_better}/{first.n_documents}")
-    write_atomic(path, _figure_bytes(fig, path))
+    _save_figure(fig, path)
 
 
 def _write(args, out: dict, plot) -> None:
-    """The results JSON, then the plot, each atomically; an error after the JSON says it is complete."""
-    written = []
-    try:
-        if args.output:
-            write_atomic(args.output, (json.dumps(out, indent=1) + "\n").encode("utf-8"))
-            written.append(args.output)
-            print(f"results: {args.output}")
-        if args.plot:
-            plot()
-            print(f"plot: {args.plot}")
-    except Exception as err:
-        if not written:
-            raise
-        raise ValueError(f"{type(err).__name__}: {err} (already written, complete: {', '.join(written)})") from err
+    """The results JSON, then the plot (plot(tmp) draws it into the file tmp), each atomically
+    (lmloss.outputs.write_all); an error after the JSON says it is complete."""
+    items = [(args.output, lambda tmp: tmp.write_bytes((json.dumps(out, indent=1) + "\n").encode("utf-8"))),
+             (args.plot, plot)]
+    labels = {args.output: "results", args.plot: "plot"}
+    write_all([(path, writer) for path, writer in items if path],
+              on_written=lambda path: print(f"{labels[path]}: {path}"))
 
 
 # -- the two modes -----------------------------------------------------------------------------------
@@ -409,7 +402,7 @@ def run_kl(args) -> dict:
                reference=_model_json(args.reference, totals[0], cis[0]),
                model=_model_json(args.model, totals[1], cis[1]), pair=_pair_json(names, paired.pairs[0]),
                documents=[d.to_dict() for d in result.per_document], notes=notes, elapsed_s=result.elapsed_s)
-    _write(args, out, lambda: save_kl_plot(args.plot, result))
+    _write(args, out, lambda tmp: save_kl_plot(tmp, result))
     return out
 
 
@@ -440,7 +433,7 @@ def run_paired(args) -> dict:
     out = dict(config=dict(vars(args), dataset=spec), versions=_versions(), models=models,
                pairs=[_pair_json(names, p) for p in cmp.paired.pairs],
                token_perplexity_comparable=cmp.same_tokenizer, notes=list(dict.fromkeys(notes)))
-    _write(args, out, lambda: save_paired_plot(args.plot, names, cmp.results, cmp.paired))
+    _write(args, out, lambda tmp: save_paired_plot(tmp, names, cmp.results, cmp.paired))
     return out
 
 

@@ -17,7 +17,6 @@ the evaluation itself (resume, torchrun sharding, batching) is the library's.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from lmloss.data import check_corpus_options, takes_field, takes_subset
 from lmloss.distributed import init_from_env
 from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, resolve_window
 from lmloss.models import peek_config, resolve_device
-from lmloss.outputs import check_output_path, write_atomic
+from lmloss.outputs import check_output_path, write_all
 from lmloss.windows import PLANS
 
 __all__ = ["build_parser", "parse_args", "run", "main"]
@@ -215,8 +214,9 @@ def format_table(result, ci: dict) -> str:
     return "\n".join(lines)
 
 
-def save_plot(path: str, result) -> None:
-    """Mean NLL by input position of the prediction, and bits per byte of each document."""
+def save_plot(path: str | Path, result) -> None:
+    """Mean NLL by input position of the prediction, and bits per byte of each document, drawn into
+    the file `path` (its suffix picks the format; lmloss eval passes write_all's temporary file)."""
     import matplotlib
     import matplotlib.ticker
 
@@ -237,14 +237,13 @@ def save_plot(path: str, result) -> None:
     ax2.legend(loc="lower right")
     fig.suptitle(f"{result.config['model']} - {result.config.get('dataset', '')}", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=120, format=Path(path).suffix[1:].lower())
+    fig.savefig(path, dpi=120, format=Path(path).suffix[1:].lower())
     plt.close(fig)
-    write_atomic(path, buf.getvalue())
 
 
-def save_corpora_plot(path: str, results, cis: list[dict]) -> None:
-    """Bits per byte of each corpus with its bootstrap interval, and the pooled value."""
+def save_corpora_plot(path: str | Path, results, cis: list[dict]) -> None:
+    """Bits per byte of each corpus with its bootstrap interval, and the pooled value, drawn into the
+    file `path` (as save_plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,10 +261,8 @@ def save_corpora_plot(path: str, results, cis: list[dict]) -> None:
     ax.set(ylabel="bits per byte", title=f"{results[0].config['model']}: bits per byte by corpus (95% CI)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=120, format=Path(path).suffix[1:].lower())
+    fig.savefig(path, dpi=120, format=Path(path).suffix[1:].lower())
     plt.close(fig)
-    write_atomic(path, buf.getvalue())
 
 
 def _device(args, dist_ctx) -> str:
@@ -323,6 +320,8 @@ def _preflight(args, dist_ctx):
                                   limit=args.limit, max_bytes=args.max_bytes,
                                   field=args.text_field if takes_field(spec) else None,  # each option only
                                   subset=args.subset if takes_subset(spec) else None)  # where it applies
+        if args.plan == "chunks":  # before any checkpoint is touched and before the weights load
+            check_fills_a_chunk(args, spec, tokenizer, docs, max_length, window["bos_in_tokens"])
         base = _checkpoint_base(args.output, k) if args.output else None
         if base is not None:
             fp = fingerprint(args.model, tokenizer, docs, plan=args.plan, max_length=max_length,
@@ -332,6 +331,44 @@ def _preflight(args, dist_ctx):
             _checkpoint_policy(args, base, fp, docs, dist_ctx)
         corpora.append((spec, docs, base))
     return tokenizer, corpora, window
+
+
+def _token_count_reaching(tokenizer, text: str, need: int) -> int:
+    """len(encode_document(tokenizer, text)) where that is below `need`; where it is not, a count
+    >= need that may come from a prefix of the text only (16 * need characters, then 4x longer), so
+    that a long text is not tokenized a second time just to learn that it fills a chunk. A prefix
+    counts only with a margin of need // 4 + 16 tokens: a cut changes the tokens at the cut alone."""
+    from lmloss.tokenizers import encode_document
+
+    chars = 16 * need
+    while chars < len(text):
+        n = len(encode_document(tokenizer, text[:chars]))
+        if n >= need + need // 4 + 16:
+            return n
+        chars *= 4
+    return len(encode_document(tokenizer, text))
+
+
+def check_fills_a_chunk(args, spec: str, tokenizer, docs, max_length: int, bos_in_tokens: bool) -> None:
+    """Plan "chunks" scores whole chunks of max_length tokens only: ValueError, before the model is
+    loaded, unless some document's token list (BOS included when bos_in_tokens) holds one. The
+    documents are tokenized until one does (see _token_count_reaching)."""
+    longest = 0
+    for doc in docs:
+        longest = max(longest, _token_count_reaching(tokenizer, doc.text, max_length - bos_in_tokens)
+                      + bos_in_tokens)
+        if longest >= max_length:
+            return
+    fixes = [f"--max-length {longest} or less"] if longest >= 2 + (args.score_from if isinstance(
+        args.score_from, int) else 0) else []
+    if len(docs) > 1 and args.form != "stream":
+        fixes.append("--form stream (the documents joined into one text, as llama.cpp and the GPTQ loop read a file)")
+    if args.limit is not None or args.max_bytes is not None:
+        fixes.append("a larger --limit / --max-bytes")
+    raise ValueError(f"--dataset {spec}: plan 'chunks' scores whole chunks of {max_length} tokens (--max-length) "
+                     f"and drops the rest, but the longest of its {len(docs)} documents has {longest} tokens"
+                     f"{' (BOS included)' if bos_in_tokens else ''}, so no token would be scored. Pass "
+                     + ", or ".join(fixes + ["a longer text"]))
 
 
 def window_options(args, tokenizer) -> dict:
@@ -528,38 +565,32 @@ def run(args) -> dict:
 
 
 def _write_outputs(args, out: dict, results, cis: list[dict], written: list[str]) -> None:
-    """Results JSON, then the per-token NLL and the plot (each atomically), each path appended to
-    `written` once complete; an error after the first is written says what was."""
-    try:
-        if args.output:
-            write_atomic(args.output, (json.dumps(out, indent=1) + "\n").encode("utf-8"))
-            written.append(args.output)
-            print(f"results: {args.output}")
-        if args.token_nll:
-            import numpy as np
+    """Results JSON, then the per-token NLL and the plot, through lmloss.outputs.write_all: each
+    atomically, each path appended to `written` once complete; an error after the first is written
+    says what was."""
+    labels = {args.output: "results", args.token_nll: "per-token NLL", args.plot: "plot"}
+    items = [(args.output, lambda tmp: tmp.write_bytes((json.dumps(out, indent=1) + "\n").encode("utf-8"))),
+             (args.token_nll, lambda tmp: _save_token_nll(tmp, results)),
+             (args.plot, lambda tmp: (save_plot(tmp, results[0]) if len(results) == 1
+                                      else save_corpora_plot(tmp, results, cis)))]
+    write_all([(path, writer) for path, writer in items if path], written=written,
+              on_written=lambda path: print(f"{labels[path]}: {path}"))
 
-            if any(r.resumed_documents or r.config["world_size"] > 1 for r in results):
-                print("note: --token-nll holds only the documents this process scored in this run")
-            prefix = ["" if len(results) == 1 else f"c{k}_" for k in range(len(results))]
-            buf = io.BytesIO()
-            arrays = {f"{prefix[k]}doc_{i}": t.numpy() for k, r in enumerate(results) for i, t in r.token_nll.items()}
-            for k, r in enumerate(results):  # --token-stats: doc_{i}_entropy, doc_{i}_rank, doc_{i}_argmax
-                for i, cols in (r.token_columns or {}).items():
-                    arrays.update({f"{prefix[k]}doc_{i}_{name}": c.numpy() for name, c in cols.items()})
-            np.savez(buf, **arrays)
-            write_atomic(args.token_nll, buf.getvalue())
-            written.append(args.token_nll)
-            print(f"per-token NLL: {args.token_nll}")
-        if args.plot:
-            if len(results) == 1:
-                save_plot(args.plot, results[0])
-            else:
-                save_corpora_plot(args.plot, results, cis)
-            print(f"plot: {args.plot}")
-    except Exception as err:
-        if not written:
-            raise
-        raise ValueError(f"{type(err).__name__}: {err} (already written, complete: {', '.join(written)})") from err
+
+def _save_token_nll(path: Path, results) -> None:
+    """Every scored token's NLL (nats) per document as one .npz: doc_{i} (c{k}_doc_{i} for corpus k
+    of several), and with --token-stats doc_{i}_entropy, doc_{i}_rank, doc_{i}_argmax."""
+    import numpy as np
+
+    if any(r.resumed_documents or r.config["world_size"] > 1 for r in results):
+        print("note: --token-nll holds only the documents this process scored in this run")
+    prefix = ["" if len(results) == 1 else f"c{k}_" for k in range(len(results))]
+    arrays = {f"{prefix[k]}doc_{i}": t.numpy() for k, r in enumerate(results) for i, t in r.token_nll.items()}
+    for k, r in enumerate(results):
+        for i, cols in (r.token_columns or {}).items():
+            arrays.update({f"{prefix[k]}doc_{i}_{name}": c.numpy() for name, c in cols.items()})
+    with open(path, "wb") as f:  # a file object: np.savez(path) would add ".npz" to "r.NPZ"
+        np.savez(f, **arrays)
 
 
 def _finish(dist_ctx, checkpoints: list[Path]) -> None:

@@ -434,6 +434,28 @@ def _pages(rows: Iterator[Document]) -> Iterator[Document]:
     yield from wikitext_pages([d.text for d in rows])
 
 
+_CLOSEST_FORM = {"raw": "stream", "pages": "rows"}  # form asked for -> the nearest where it is missing
+
+
+def _form_error(name: str, corpus: Corpus, form: str) -> str:
+    """What a corpus without `form` offers instead, the closest form first, each in a few words."""
+    meaning = {"pages": "WikiText's article pages, the documents lm-evaluation-harness scores",
+               "rows": "each row its own document",
+               "stream": f"one document, the rows joined by {corpus.stream_join!r}",
+               "raw": "the original text file byte for byte (what llama.cpp's llama-perplexity reads)"}
+    closest = _CLOSEST_FORM.get(form)
+    order = sorted(corpus.forms, key=lambda f: f != closest)
+    why = ""
+    if closest is not None:
+        having = [n for n, c in CORPORA.items() if form in c.forms]
+        why = f"; {form!r}, {meaning[form]}, is a form of {' and '.join(having)} only"
+        if closest in corpus.forms:
+            why += f", and {closest!r} is the closest here" + (" (llama.cpp's whole-file text)" if form == "raw" else "")
+    options = " or ".join(f"--form {f} ({meaning.get(f, f)})" for f in order)
+    return (f"corpus {name!r} has forms {corpus.forms}, got form={form!r}{why}. Pass {options}; in Python "
+            f"form={order[0]!r}")
+
+
 def iter_named(name: str, *, form: str | None = None, data_dir: str | None = None,
                subset: str | None = None) -> Iterator[Document]:
     """Documents of CORPORA[name] in `form` (default: its default_form), each with the corpus's word
@@ -441,7 +463,7 @@ def iter_named(name: str, *, form: str | None = None, data_dir: str | None = Non
     corpus = CORPORA[name]
     form = form or corpus.default_form
     if form not in corpus.forms:
-        raise ValueError(f"corpus {name!r} has forms {corpus.forms}, got form={form!r}")
+        raise ValueError(_form_error(name, corpus, form))
     _check_subset(name, corpus, subset)
     rows = _rows(name, corpus, subset, data_dir)
     if form == "stream":
