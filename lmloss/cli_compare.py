@@ -35,7 +35,7 @@ import lmloss
 from lmloss import data
 from lmloss.data import FORMS, load_corpus
 from lmloss.models import DTYPES, resolve_device
-from lmloss.outputs import check_output_path, write_atomic
+from lmloss.outputs import check_output_path, write_all
 from lmloss.tokenizers import encode_document, load_tokenizer
 
 DEFAULT_TOKENIZERS = "gpt2,cl100k_base,o200k_base"
@@ -255,10 +255,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     elapsed_s = time.perf_counter() - start
     print(markdown_table(rows))
     print(f"\n{len(rows)} rows in {elapsed_s:.1f} s")
-    if args.json:
-        write_atomic(args.json, (json.dumps(rows, indent=1) + "\n").encode("utf-8"))
-    if args.plot:
-        write_atomic(args.plot, plot_png(rows))
+    outputs = [(args.json, lambda tmp: tmp.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")),
+               (args.plot, lambda tmp: tmp.write_bytes(plot_png(rows)))]
+    write_all([(path, writer) for path, writer in outputs if path])  # a later failure says what was written
     return rows
 
 

@@ -4,8 +4,9 @@
 #   bash scripts/gpu_check.sh            # logs and JSON rows under $OUT (default /tmp/lmloss-gpu)
 #
 # Offline assets: $LMLOSS_ASSETS (default .devassets: corpora/wikitext-2-raw-v1 and tokenizers/hf-gpt2
-# copied from the shared assets). Optional wheels in .whl/ (cut-cross-entropy, liger-kernel) are
-# installed into /tmp/site first. To prepare both beside a checkout with ../shared (ignored by git):
+# copied from the shared assets). Optional wheels in .whl/ (cut-cross-entropy, liger-kernel; for eval_e2e lm_eval
+# 0.4.13 and its needs, listed in scripts/bench_eval_gpu.py) are installed into /tmp/site first. To prepare both
+# beside a checkout with ../shared (ignored by git):
 #   mkdir -p .devassets/corpora .devassets/tokenizers && cp -r ../shared/assets/corpora/wikitext-2-raw-v1 \
 #       .devassets/corpora/ && cp -r ../shared/assets/tokenizers/hf-gpt2 .devassets/tokenizers/
 #   pip download --no-deps --only-binary=:all: -d .whl cut-cross-entropy==25.1.1 liger-kernel==0.8.5
@@ -54,6 +55,11 @@ TAIL_LINES=20 section kl_stats_tests 90 python3 -m pytest -q -p no:cacheprovider
     tests/test_token_stats.py
 TAIL_LINES=20 section linear_bwd_tiles 60 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 \
     --sweep-backward --vocab 50257
+# Issue #14 item 4: lmloss against lm-eval's HFLM (bf16, batch_size auto) end to end, GPT-2-small-shaped random
+# model built on the card, all 62 WikiText-2 pages; bf16 timed, then fp32 parity. Needs lm_eval and its needs in
+# .whl/ (scripts/bench_eval_gpu.py's docstring says how). About 2-3 minutes on an H100 (estimated).
+TAIL_LINES=45 section eval_e2e 300 python3 scripts/bench_eval_gpu.py --batch-sizes default,64 \
+    --json "$OUT/eval_e2e.json"
 TAIL_LINES=40 section tests 150 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_cuda.py \
     tests/test_ops.py -k "not linear"
 TAIL_LINES=40 section tests_triton_ops 90 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_ops.py \
