@@ -30,11 +30,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lmloss.evaluate import (_GROUP_BATCHES, DocumentResult, EvalResult, _batch_order, _batch_tensors,
-                             _check_documents, _scored_counts, _tokenize, check_tokenizer_fits,
-                             default_batch_size, resolve_window)
+from lmloss.evaluate import DocumentResult, EvalResult, check_tokenizer_fits, default_batch_size, resolve_window
 from lmloss.metrics import LossTotals
-from lmloss.windows import plan_windows
+from lmloss.prepare import batches, check_inputs, prepare
 
 __all__ = ["KLDocument", "KLResult", "kl_divergence", "PairDelta", "PairedComparison", "paired_bootstrap",
            "Comparison", "compare", "tokenizer_difference", "PERCENTILES"]
@@ -345,7 +343,7 @@ def kl_divergence(reference_model, model, tokenizer, documents: Sequence, *, pla
 
     start = time.perf_counter()
     reference, model = _loaded(reference_model), _loaded(model)
-    _check_documents(documents)
+    check_inputs(tokenizer, documents, bos_in_tokens=bos_in_tokens)
     _check_same_vocabulary(reference, model)
     contexts = [c for c in (reference.context_length, model.context_length) if c]
     max_length, prefix_id = resolve_window(min(contexts) if contexts else None, tokenizer, plan=plan,
@@ -353,35 +351,25 @@ def kl_divergence(reference_model, model, tokenizer, documents: Sequence, *, pla
     for m in (reference, model):
         check_tokenizer_fits(tokenizer, m.vocab_size, m.name)
     batch_size = min(default_batch_size(reference), default_batch_size(model)) if batch_size is None else batch_size
-    if bos_in_tokens and tokenizer.bos_id is None:
-        raise ValueError(f"bos_in_tokens=True, but tokenizer {getattr(tokenizer, 'name', '')!r} has no BOS token")
-    tokens = _tokenize(tokenizer, documents, list(range(len(documents))), reference.vocab_size, bos_in_tokens)
-    windows = plan_windows([len(t) for t in tokens], plan=plan, max_length=max_length, stride=stride,
-                           prefix_id=prefix_id, every_window=every_window, score_from=score_from,
-                           max_chunks=max_chunks)
-    counts = (_scored_counts(tokenizer, documents, tokens, windows) if plan == "chunks" else
-              [(d.n_bytes, d.n_words, d.n_chars) for d in documents])
+    prep = prepare(tokenizer, documents, vocab_size=reference.vocab_size, plan=plan, max_length=max_length,
+                   stride=stride, prefix_id=prefix_id, every_window=every_window, score_from=score_from,
+                   max_chunks=max_chunks, bos_in_tokens=bos_in_tokens)
+    windows, counts = prep.windows, prep.counts
     per_window: list = [None] * len(windows)  # (kl tensor, sums)
     bar = tqdm(total=sum(w.n_scored for w in windows), unit="tok", unit_scale=True, disable=not progress,
                desc="KL", dynamic_ncols=True)
-    order = _batch_order(windows, group_size=_GROUP_BATCHES * batch_size)
     with torch.inference_mode():
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo:lo + batch_size]
-            batch = [windows[i] for i in idx]
-            ids, rows, cols, targets = _batch_tensors(batch, tokens, reference.device)
-            outputs = _batch_kl(reference, model, ids, rows, cols, targets, impl)
-            for i, parts in zip(idx, zip(*(o.split([w.n_scored for w in batch]) for o in outputs))):
+        for b in batches(windows, prep.tokens, batch_size=batch_size, device=reference.device):
+            outputs = _batch_kl(reference, model, b.ids, b.rows, b.cols, b.targets, impl)
+            for i, parts in zip(b.indices, zip(*(o.split(b.n_scored) for o in outputs))):
                 sums = _window_sums(*parts)
                 if not all(math.isfinite(s) for s in sums):
                     raise ValueError(f"non-finite KL or loss in document {windows[i].doc}, window {i}: check the "
                                      "models' logits (dtype overflow, NaN weights)")
                 per_window[i] = (parts[0], sums)
-            bar.update(sum(w.n_scored for w in batch))
+            bar.update(sum(b.n_scored))
     bar.close()
-    doc_windows: list[list[int]] = [[] for _ in documents]
-    for i, w in enumerate(windows):
-        doc_windows[w.doc].append(i)
+    doc_windows = prep.doc_windows()
     results = []
     for k, d in enumerate(documents):
         s = [0.0, 0.0, 0.0, 0, 0.0, 0.0]

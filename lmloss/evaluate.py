@@ -5,12 +5,12 @@
     result = evaluate(model, tok, docs, checkpoint="run.jsonl")   # resumes from run.jsonl if present
 
 Windows of consecutive documents are sorted by length (longest first, ties in plan order) and
-batched with right padding. Under a causal mask a real token only attends to the real tokens
-before it, so padding changes no scored logit, and pad positions are never scored; results do not
-depend on the batch size beyond float rounding of the matrix products. Only the scored positions go
-through the output head: the fused `linear_token_nll` where the model exposes its head, else
-`token_nll` on logits of those rows. Per-window sums are taken in float64 and added per document in
-one fixed order, so totals are deterministic.
+batched with right padding (lmloss.prepare). Under a causal mask a real token only attends to the
+real tokens before it, so padding changes no scored logit, and pad positions are never scored;
+results do not depend on the batch size beyond float rounding of the matrix products. Only the
+scored positions go through the output head: the fused `linear_token_nll` where the model exposes
+its head, else `token_nll` on logits of those rows. Per-window sums are taken in float64 and added
+per document in one fixed order, so totals are deterministic.
 
 Resume: with `checkpoint=`, every finished document is appended and fsynced there (lmloss.checkpoint);
 a later call with the same settings and corpus restores those documents and scores the rest. The
@@ -40,13 +40,13 @@ from lmloss.ops import token_nll
 from lmloss.ops.linear import linear_token_nll
 from lmloss.ops.linear_stats import linear_token_stats
 from lmloss.ops.stats import TokenStats, token_stats as logits_token_stats
-from lmloss.windows import Window, plan_windows
+from lmloss.prepare import Prepared, batches, check_inputs, prepare
+from lmloss.windows import Window
 
 __all__ = ["DocumentResult", "EvalResult", "evaluate", "score_windows", "bootstrap_ci",
            "check_tokenizer_fits", "default_batch_size", "resolve_window"]
 
 _HEAD_ROWS = 2048  # rows of logits built at once on the logits path: 2048 x V floats
-_GROUP_BATCHES = 16  # batches per group of documents sorted together (_batch_order)
 
 
 @dataclass(frozen=True)
@@ -137,23 +137,6 @@ def bootstrap_ci(per_document: Sequence[DocumentResult], *, n_resamples: int = 1
     return out
 
 
-def _batch_tensors(batch: list[Window], tokens: Sequence[Sequence[int]], device):
-    """Right-padded inputs (B, T), the flat (batch, position) of every scored target, and the targets."""
-    width = max(w.n_inputs for w in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    rows, cols, targets = [], [], []
-    for b, w in enumerate(batch):
-        doc = tokens[w.doc]
-        inputs = w.inputs(doc)
-        ids[b, :len(inputs)] = torch.tensor(inputs, dtype=torch.long)
-        first = w.n_inputs - w.n_scored
-        rows += [b] * w.n_scored
-        cols += range(first, w.n_inputs)
-        targets += doc[w.scored.start:w.scored.stop]
-    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return ids.to(device), as_long(rows), as_long(cols), as_long(targets)
-
-
 def _head_fused(hidden, head, targets, stats: bool = False):
     """lmloss.linear_token_nll (linear_token_stats): the loss straight from hidden states, never all
     logits at once."""
@@ -201,59 +184,27 @@ def _scored_nll(model, ids, rows, cols, targets, head_impl: str, stats: bool = F
     return HEAD_IMPLS[head_impl](hidden, model.head, targets, stats)
 
 
-def _batch_order(windows: Sequence[Window], *, group_size: int) -> list[int]:
-    """Window indices: documents in order, cut into groups of about group_size windows; within a
-    group, longest first so that a batch holds windows of nearly one length."""
-    group_of: dict[int, int] = {}
-    group, count = 0, 0
-    for w in windows:
-        if w.doc not in group_of:
-            if count >= group_size:
-                group, count = group + 1, 0
-            group_of[w.doc] = group
-        count += 1
-    return sorted(range(len(windows)), key=lambda i: (group_of[windows[i].doc], -windows[i].n_inputs))
-
-
 def score_windows(model, tokens: Sequence[Sequence[int]], windows: Sequence[Window], *,
                   batch_size: int = 8, head_impl: str = "fused", skip: frozenset[int] = frozenset(),
                   stats: bool = False) -> Iterator[tuple[list[int], list]]:
     """Yield (window indices, per-token NLL of each window's scored targets (float32, CPU)) per batch;
     with stats, each window's TokenStats (nll, entropy, rank, argmax; lmloss.token_stats) instead.
 
-    Windows are taken in groups of consecutive documents, longest first within a group (ties in
-    the given order), `batch_size` at a time: little padding, and documents finish as the run goes.
-    The batches depend only on `windows` and `batch_size`. `skip`: window indices whose results are
-    not needed; a batch of skipped windows only is not computed, a batch holding any other window
-    is computed whole, so every window gets the numbers it gets in a run without `skip`.
+    The batches are lmloss.prepare.batches(windows, tokens, batch_size=batch_size, skip=skip): they
+    depend only on `windows` and `batch_size`. `skip`: window indices whose results are not needed;
+    a batch of skipped windows only is not computed, a batch holding any other window is computed
+    whole, so every window gets the numbers it gets in a run without `skip`.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if head_impl not in HEAD_IMPLS:
         raise ValueError(f"unknown head_impl {head_impl!r}; expected one of {sorted(HEAD_IMPLS)}")
-    order = _batch_order(windows, group_size=_GROUP_BATCHES * batch_size)
     with torch.inference_mode():
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo:lo + batch_size]
-            if skip and all(i in skip for i in idx):
-                continue
-            batch = [windows[i] for i in idx]
-            ids, rows, cols, targets = _batch_tensors(batch, tokens, model.device)
-            sizes = [w.n_scored for w in batch]
-            out = _scored_nll(model, ids, rows, cols, targets, head_impl, stats)
+        for b in batches(windows, tokens, batch_size=batch_size, device=model.device, skip=skip):
+            out = _scored_nll(model, b.ids, b.rows, b.cols, b.targets, head_impl, stats)
             if stats:
-                cols_ = [c.cpu().split(sizes) for c in (out.nll.float(), out.entropy.float(), out.rank, out.argmax)]
-                yield idx, [TokenStats(*c) for c in zip(*cols_)]
+                cols = [c.cpu().split(b.n_scored) for c in (out.nll.float(), out.entropy.float(), out.rank, out.argmax)]
+                yield b.indices, [TokenStats(*c) for c in zip(*cols)]
             else:
-                yield idx, list(out.float().cpu().split(sizes))
-
-
-def _check_documents(documents) -> None:
-    fields = ("text", "n_bytes", "n_words", "n_chars")
-    missing = [n for n in fields if documents and not hasattr(documents[0], n)]
-    if missing:
-        raise TypeError(f"documents must be lmloss Documents (with .text, .n_bytes, .n_words, .n_chars); got "
-                        f"{type(documents[0]).__name__} without {missing}; use lmloss.load_corpus(...)")
+                yield b.indices, list(out.float().cpu().split(b.n_scored))
 
 
 def _text_ids_limit(tokenizer) -> int:
@@ -281,63 +232,6 @@ def check_tokenizer_fits(tokenizer, model_vocab: int | None, model_name: str = "
         raise ValueError(f"tokenizer {name!r} has {tokenizer.vocab_size} ids, but {model_name} has a "
                          f"vocabulary of {model_vocab}: more than padding apart, so it is not this "
                          f"model's tokenizer; {fix}")
-
-
-def _tokenize(tokenizer, documents, doc_ids, vocab_size: int, bos_in_tokens: bool = False) -> list:
-    """Token ids of each document, BOS first when bos_in_tokens; ValueError for text that encodes to
-    nothing or to ids past the model's embedding (either would give a number that is not the model's
-    loss on the text)."""
-    from lmloss.tokenizers import Tokenizer, encode_document
-
-    tokens = []
-    for k, d in zip(doc_ids, documents):
-        # An lmloss Tokenizer encodes long texts in pieces (bounded memory, the same ids).
-        if isinstance(tokenizer, Tokenizer):
-            ids = encode_document(tokenizer, d.text)
-        else:
-            ids = tokenizer.encode(d.text)
-        name = getattr(tokenizer, "name", type(tokenizer).__name__)
-        if d.text and not len(ids):
-            raise ValueError(f"tokenizer {name!r} encodes document {k} ({len(d.text)} characters, "
-                             f"{d.text[:40]!r}...) to no tokens: it is not a working tokenizer for this "
-                             "text; pass the model's own tokenizer")
-        top = max(ids, default=0)
-        if top >= vocab_size:
-            raise ValueError(f"tokenizer {name!r} gives id {top} in document {k}, past the model's "
-                             f"{vocab_size} embedding rows: pass the model's own tokenizer")
-        tokens.append(([tokenizer.bos_id] + list(ids)) if bos_in_tokens else ids)
-    return tokens
-
-
-def _scored_counts(tokenizer, documents, tokens, windows) -> list[tuple[int, int, int]]:
-    """(bytes, words, chars) of the text each document's scored tokens stand for, for plans that
-    score part of a document ("chunks"): a scored run tokens[a:b] is the text's UTF-8 bytes
-    [offset[a], offset[b]), offsets being the running sums of the tokens' byte lengths; chars count
-    the bytes that start a character in that range. Words are not counted (0): a run may cut a word."""
-    lengths = tokenizer.byte_lengths() if hasattr(tokenizer, "byte_lengths") else None
-    name = getattr(tokenizer, "name", type(tokenizer).__name__)
-    if not lengths or not getattr(tokenizer, "byte_exact", True):
-        raise ValueError(f"plan 'chunks' counts the bytes of the scored tokens, and tokenizer {name!r} cannot "
-                         f"give exact byte counts ({getattr(tokenizer, 'byte_note', 'no byte lengths')}); "
-                         "use plan 'lm-eval' or 'sliding', which count the whole text")
-    out = [[0, 0, 0] for _ in documents]
-    offsets: dict[int, list[int]] = {}
-    for w in windows:
-        if w.doc not in offsets:
-            run = [0]
-            for t in tokens[w.doc]:
-                run.append(run[-1] + lengths[t])
-            raw = documents[w.doc].text.encode("utf-8")
-            if run[-1] != len(raw):
-                raise ValueError(f"tokenizer {name!r}: the tokens of document {w.doc} stand for {run[-1]} bytes, "
-                                 f"its text has {len(raw)}, so the scored bytes cannot be counted; use plan "
-                                 "'lm-eval' or 'sliding'")
-            offsets[w.doc] = (run, raw)
-        run, raw = offsets[w.doc]
-        lo, hi = run[w.scored.start], run[w.scored.stop]
-        out[w.doc][0] += hi - lo
-        out[w.doc][2] += sum(1 for c in raw[lo:hi] if c & 0xC0 != 0x80)
-    return [tuple(c) for c in out]
 
 
 def resolve_window(context_length: int | None, tokenizer, *, plan: str, max_length: int | None,
@@ -395,7 +289,7 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
     if not isinstance(model, LoadedModel):
         param = next(model.parameters())
         model = load_model(model, device=str(param.device), dtype=str(param.dtype).removeprefix("torch."))
-    _check_documents(documents)
+    check_inputs(tokenizer, documents, bos_in_tokens=bos_in_tokens)
     max_length, prefix_id = resolve_window(model.context_length, tokenizer, plan=plan, max_length=max_length,
                                            prefix_id=prefix_id, every_window=every_window)
     batch_size = default_batch_size(model) if batch_size is None else batch_size
@@ -419,8 +313,6 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
                   n_documents=len(documents), world_size=world_size, corpus_sha256=fp["corpus_sha256"],
                   score_from=score_from, max_chunks=max_chunks, bos_in_tokens=bos_in_tokens,
                   token_stats=token_stats)
-    if bos_in_tokens and tokenizer.bos_id is None:
-        raise ValueError(f"bos_in_tokens=True, but tokenizer {config['tokenizer']!r} has no BOS token")
     writer = ckpt_io.Checkpoint(ckpt_io.rank_path(checkpoint, rank), fp, keep=True) if checkpoint else None
     try:
         def finished(doc: DocumentResult) -> None:
@@ -438,7 +330,7 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
     if world_size > 1:
         _merge_ranks(result)
     if result.totals.n_tokens == 0:
-        why = (f"; plan 'chunks' scores whole chunks only, so a document needs at least max_length tokens: pass a "
+        why = ("; plan 'chunks' scores whole chunks only, so a document needs at least max_length tokens: pass a "
                f"smaller max_length or a longer text" if plan == "chunks" else "; pass a corpus with text")
         raise ValueError(f"no token to score: the {len(documents)} documents hold no scored token under "
                          f"plan {plan!r} (max_length {max_length}){why}")
@@ -489,32 +381,27 @@ def _merge_ranks(result: EvalResult) -> None:
 def _score(model, tokenizer, documents, mine, done, config, start, *, batch_size, head_impl, keep_token_nll,
            progress, on_document) -> EvalResult:
     """Score documents[i] for i in mine (restoring those in done) and return this process's result."""
-    tokens = _tokenize(tokenizer, [documents[i] for i in mine], mine, model.vocab_size, config["bos_in_tokens"])
-    windows = plan_windows([len(t) for t in tokens], plan=config["plan"], max_length=config["max_length"],
-                           stride=config["stride"], prefix_id=config["prefix_id"],
-                           every_window=config["every_window"], score_from=config["score_from"],
-                           max_chunks=config["max_chunks"])
-    config["n_windows"] = len(windows)
     mine_docs = [documents[i] for i in mine]
-    counts = (_scored_counts(tokenizer, mine_docs, tokens, windows) if config["plan"] == "chunks" else
-              [(d.n_bytes, d.n_words, d.n_chars) for d in mine_docs])
-    return _run(model, mine_docs, tokens, windows, config, start, counts=counts, batch_size=batch_size,
-                head_impl=head_impl, keep_token_nll=keep_token_nll, progress=progress,
-                on_document=on_document, doc_ids=mine,
+    prep = prepare(tokenizer, mine_docs, vocab_size=model.vocab_size, plan=config["plan"],
+                   max_length=config["max_length"], stride=config["stride"], prefix_id=config["prefix_id"],
+                   every_window=config["every_window"], score_from=config["score_from"],
+                   max_chunks=config["max_chunks"], bos_in_tokens=config["bos_in_tokens"], doc_ids=mine)
+    config["n_windows"] = len(prep.windows)
+    return _run(model, mine_docs, prep, config, start, batch_size=batch_size, head_impl=head_impl,
+                keep_token_nll=keep_token_nll, progress=progress, on_document=on_document, doc_ids=mine,
                 done={k: done[i] for k, i in enumerate(mine) if i in done})
 
 
-def _run(model, documents, tokens, windows, config, start, *, counts, batch_size, head_impl, keep_token_nll,
-         progress, on_document, doc_ids, done) -> EvalResult:
+def _run(model, documents, prep: Prepared, config, start, *, batch_size, head_impl, keep_token_nll, progress,
+         on_document, doc_ids, done) -> EvalResult:
     """The loop proper: score batches, fold per-window sums into per-document float64 sums.
-    counts: (bytes, words, chars) per document; done: {position in documents: DocumentResult} of
-    documents restored, not scored."""
+    prep: the documents' tokens, windows and counts; done: {position in documents: DocumentResult}
+    of documents restored, not scored."""
     from tqdm.auto import tqdm
 
+    tokens, windows, counts = prep.tokens, prep.windows, prep.counts
     n_docs = len(documents)
-    doc_windows: list[list[int]] = [[] for _ in range(n_docs)]
-    for i, w in enumerate(windows):
-        doc_windows[w.doc].append(i)
+    doc_windows = prep.doc_windows()
     for k, doc in done.items():
         n_scored = sum(windows[i].n_scored for i in doc_windows[k])
         t = doc.totals

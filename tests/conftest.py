@@ -58,6 +58,20 @@ def tiny_model(tmp_path_factory) -> str:
     return str(path)
 
 
+SMOLLM2 = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"  # under the assets folder
+
+
+@pytest.fixture(scope="module")
+def smollm2(assets):
+    """(LoadedModel, Tokenizer) of SmolLM2-135M-Instruct Q4_1 (GGUF, dequantized to float32 on the CPU),
+    loaded once per test module that asks for it (about 0.5 GiB, freed after the module).
+    tests/test_tokenizers.py overrides it with a fixture of the tokenizer alone."""
+    import lmloss
+
+    path = str(assets / SMOLLM2)
+    return lmloss.load_model(path, device="cpu"), lmloss.load_tokenizer(path)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and lose a lot when the 2 cores are shared."""

@@ -167,20 +167,11 @@ def test_errors(model, docs):
         evaluate(model, ByteTokenizer(), docs, max_length=8, head_impl="magic", progress=False)
 
 
-# --- the real model: SmolLM2-135M (GGUF), loaded once for this module ---------------------------
+# --- the real model: SmolLM2-135M (GGUF, conftest's smollm2), loaded once for this module ----------
 
-SMOLLM2 = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
 # lm-evaluation-harness 0.4.13, its `wikitext` task (HFLM, gguf_file=..., dtype=float32,
 # max_length=1024, batch_size=1) on the first page, "= Robert Boulter =": the log-likelihood it logs.
 LM_EVAL_FIRST_PAGE_LOGLIKELIHOOD = -3532.8555908203125
-
-
-@pytest.fixture(scope="module")
-def smollm2(assets):
-    import lmloss
-
-    path = str(assets / SMOLLM2)
-    return lmloss.load_model(path, device="cpu"), lmloss.load_tokenizer(path)
 
 
 @pytest.mark.slow
@@ -194,17 +185,6 @@ def test_smollm2_first_wikitext_page_equals_lm_evaluation_harness(smollm2, asset
     res = evaluate(model, tok, docs, plan="lm-eval", max_length=1024, batch_size=2, progress=False)
     assert -res.per_document[0].totals.nll_nats == pytest.approx(LM_EVAL_FIRST_PAGE_LOGLIKELIHOOD, rel=1e-4)
     assert res.per_document[0].totals.n_bytes == len(docs[0].original.encode("utf-8"))
-
-
-def test_batch_order_groups_documents_then_sorts_by_length():
-    from lmloss.evaluate import _batch_order
-    from lmloss.windows import Window
-
-    lengths = [(0, 3), (0, 9), (1, 5), (1, 7), (2, 2), (3, 8)]  # (doc, n_inputs)
-    windows = [Window(doc, 0, n, 1) for doc, n in lengths]
-    # groups of at least 3 windows of whole documents: {0, 1} and {2, 3}; longest first inside
-    assert _batch_order(windows, group_size=3) == [1, 3, 2, 0, 5, 4]
-    assert _batch_order(windows, group_size=100) == [1, 5, 3, 2, 0, 4]
 
 
 @pytest.mark.parametrize("batch_size", [3, 4])

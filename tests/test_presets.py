@@ -176,19 +176,12 @@ def test_wikitext_raw_form_is_wiki_test_raw_byte_for_byte(assets):
 
 
 # --- SmolLM2-135M (GGUF) against llama.cpp's own llama-perplexity ---------------------------------
-SMOLLM2 = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
 # llama-perplexity (llama.cpp 0c1e57098, from the llama-cpp-python 0.3.36 sdist, CPU, AVX2), -f wiki.test.raw
 # -c 512 --chunks 20 -b 512: its running "[k]" values for k = 1, 2, on the Q4_1 file as shipped (Q4_1 x Q8_1
 # dot products: activations rounded to 8 bits) and on the same weights dequantized to an F32 GGUF with
 # llama-quantize --allow-requantize ... F32 (float32 arithmetic, as transformers runs the model).
 LLAMA_CPP_Q4_1 = (13.0198, 21.3543)
 LLAMA_CPP_F32 = (12.9550, 21.3732)
-
-
-@pytest.fixture(scope="module")
-def smollm2(assets):
-    path = str(assets / SMOLLM2)
-    return lmloss.load_model(path, device="cpu"), lmloss.load_tokenizer(path)
 
 
 @pytest.mark.slow
