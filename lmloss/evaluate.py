@@ -331,7 +331,7 @@ def evaluate(model, tokenizer, documents: Sequence, *, plan: str = "lm-eval",
         _merge_ranks(result)
     if result.totals.n_tokens == 0:
         why = ("; plan 'chunks' scores whole chunks only, so a document needs at least max_length tokens: pass a "
-               f"smaller max_length or a longer text" if plan == "chunks" else "; pass a corpus with text")
+               "smaller max_length or a longer text" if plan == "chunks" else "; pass a corpus with text")
         raise ValueError(f"no token to score: the {len(documents)} documents hold no scored token under "
                          f"plan {plan!r} (max_length {max_length}){why}")
     return result
