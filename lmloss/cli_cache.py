@@ -114,6 +114,11 @@ def clear(older_than_days: float | None) -> None:
 
 
 def run(args) -> None:
+    root = cache_root()
+    for where in (root, root / "gguf"):  # a file in the way would read as an empty cache
+        if where.exists() and not where.is_dir():
+            raise ValueError(f"the cache folder {where} is a file, expected a folder (or nothing); point "
+                             "LMLOSS_CACHE_DIR at a folder, or move the file away")
     if args.action == "list":
         list_entries()
     elif args.action == "clear":

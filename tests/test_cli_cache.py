@@ -166,3 +166,12 @@ def test_python_m_lmloss_cache_runs_in_a_fresh_process(cache_dir):
                          timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr
     assert "a.gguf" in out.stdout and out.stdout.splitlines()[-1].startswith("1 entry, ")
+
+
+@pytest.mark.parametrize("action", ["list", "clear", "dir"])
+def test_a_file_where_the_cache_folder_should_be_is_an_error(tmp_path, monkeypatch, capsys, action):
+    (tmp_path / "not-a-folder").write_text("x")
+    monkeypatch.setenv("LMLOSS_CACHE_DIR", str(tmp_path / "not-a-folder"))
+    code, _out, err = _run(capsys, action)
+    assert code == 2 and "is a file, expected a folder" in err
+    assert (tmp_path / "not-a-folder").read_text() == "x"  # untouched
