@@ -64,8 +64,8 @@ try:
 except ImportError:  # Windows: use is recorded, not locked; readers still fall back to converting
     fcntl = None
 
-__all__ = ["DEFAULT_MAX_GB", "FORMAT", "CacheEntry", "cache_entries", "cache_max_bytes", "cache_root", "entry_folder",
-           "evict", "gguf_fingerprint", "load_cached", "remove_entry"]
+__all__ = ["DEFAULT_MAX_GB", "FORMAT", "CacheEntry", "CacheError", "cache_entries", "cache_max_bytes", "cache_root",
+           "entry_folder", "evict", "gguf_fingerprint", "load_cached", "remove_entry"]
 
 FORMAT = 1  # bump when what an entry holds changes: older entries then miss
 DEFAULT_MAX_GB = 20.0  # $LMLOSS_CACHE_MAX_GB when unset: ~5e9 float32 parameters (a 7B model needs 28)
@@ -74,6 +74,12 @@ _HASHED_FILE_BYTES = 64 * _MIB  # files up to this size are checked by sha256 at
 _STALE_TEMP_S = 3600.0  # a .tmp-* folder untouched this long belongs to a process that died
 _USED = ".used"  # in each entry: mtime = last use; a shared flock on it while a process reads the entry
 T = TypeVar("T")
+
+
+class CacheError(ValueError):
+    """A problem of the cache itself (its settings, writing an entry, a file changing while read), not
+    of the GGUF file's contents: callers that wrap reading errors as "the file may be corrupt" let it
+    through as it is."""
 
 
 def cache_root() -> Path:
@@ -96,7 +102,7 @@ def cache_max_bytes() -> float:
     except ValueError:
         max_gb = math.nan
     if not max_gb >= 0:  # also nan
-        raise ValueError(f"LMLOSS_CACHE_MAX_GB={raw!r} is not a size in gigabytes: expected a number >= 0 such as "
+        raise CacheError(f"LMLOSS_CACHE_MAX_GB={raw!r} is not a size in gigabytes: expected a number >= 0 such as "
                          f"20 or 0.5 (0 keeps nothing new, inf sets no limit); set it to one, or unset it for the "
                          f"default of {DEFAULT_MAX_GB:g}")
     return max_gb * 1e9
@@ -125,7 +131,7 @@ def gguf_fingerprint(path) -> dict:
         digest.update(f.read(_MIB))  # last MiB (what is left of it)
     after = path.stat()
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-        raise ValueError(f"GGUF file {path} changed while it was read; load it again once it is complete")
+        raise CacheError(f"GGUF file {path} changed while it was read; load it again once it is complete")
     return {"format": FORMAT, "size": before.st_size, "mtime_ns": before.st_mtime_ns,
             "head_sha256": digest.hexdigest(), "transformers": _version("transformers"), "gguf": _version("gguf")}
 
@@ -147,7 +153,7 @@ def load_cached(path, part: str, read: Callable[[Path], T]) -> T:
     written."""
     write = {"model": _write_model, "tokenizer": _write_tokenizer}.get(part)
     if write is None:
-        raise ValueError(f"unknown cache part {part!r}; expected 'model' or 'tokenizer'")
+        raise CacheError(f"unknown cache part {part!r}; expected 'model' or 'tokenizer'")
     max_bytes = cache_max_bytes()
     path = Path(path).expanduser()
     inputs = gguf_fingerprint(path)
@@ -175,7 +181,7 @@ def load_cached(path, part: str, read: Callable[[Path], T]) -> T:
         tmp = _convert(path, part, inputs, entry.parent.parent, write)
         lock = None if max_bytes == 0 else _publish(tmp, entry)  # _publish holds a lock: no eviction takes it
     except OSError as err:  # a full disk, a read-only or misplaced cache folder
-        raise ValueError(f"could not write the cache entry {entry} for {path} ({type(err).__name__}: {err}); "
+        raise CacheError(f"could not write the cache entry {entry} for {path} ({type(err).__name__}: {err}); "
                          "free disk space, set LMLOSS_CACHE_DIR to a writable folder, or load with "
                          "cache=False") from err
     if max_bytes == 0:  # keep nothing new: read the conversion where it was written, then delete it
@@ -257,7 +263,7 @@ def _convert(path: Path, part: str, inputs: dict, gguf_dir: Path, write: Callabl
         write(path, tmp)
         now = path.stat()
         if (now.st_size, now.st_mtime_ns) != (inputs["size"], inputs["mtime_ns"]):
-            raise ValueError(f"GGUF file {path} changed while it was converted; load it again once it is complete")
+            raise CacheError(f"GGUF file {path} changed while it was converted; load it again once it is complete")
         files = sorted(f for f in tmp.rglob("*") if f.is_file())
         manifest = {"format": FORMAT, "part": part, "source": str(path), "inputs": inputs,
                     "files": {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)}

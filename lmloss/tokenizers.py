@@ -303,10 +303,8 @@ def _load_gguf_tokenizer(spec: str, path: Path, *, cache: bool = True) -> HFToke
             raise  # it names the file and the fix
         except Exception as e:
             raise _gguf_error(spec, path, e) from e
-    if cache:
-        from lmloss.gguf_cache import cache_max_bytes
+    from lmloss.gguf_cache import CacheError
 
-        cache_max_bytes()  # a bad LMLOSS_CACHE_MAX_GB raises its own ValueError, not "the file may be corrupt"
     try:
         if cache:
             from lmloss.gguf_cache import load_cached
@@ -316,6 +314,8 @@ def _load_gguf_tokenizer(spec: str, path: Path, *, cache: bool = True) -> HFToke
     except ImportError as e:
         raise ValueError(f"loading the tokenizer of {spec!r} needs the gguf package ({e}): "
                          "pip install gguf") from e
+    except CacheError:
+        raise  # the cache's own problem (LMLOSS_CACHE_MAX_GB, an unwritable folder), said as it is
     except Exception as e:
         raise _gguf_error(spec, path, e) from e
 

@@ -390,6 +390,9 @@ def test_an_unwritable_cache_folder_says_how_to_fix_it(tiny_gguf, tmp_path, monk
     with pytest.raises(ValueError, match=r"could not write the cache entry .*set LMLOSS_CACHE_DIR to a writable "
                                          r"folder, or load with cache=False"):
         load_model(str(tiny_gguf), device="cpu")
+    with pytest.raises(ValueError, match=r"could not write the cache entry") as err:
+        load_tokenizer(str(tiny_gguf))  # the cache's own error, not wrapped as a damaged GGUF file
+    assert "corrupt" not in str(err.value)
 
 
 def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
