@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["main", "run_reporting_errors"]
+__all__ = ["main", "run_reporting_errors", "setup_process"]
 
 COMMANDS = {  # name -> (module, what it does)
     "eval": ("lmloss.cli_eval", "evaluate a model on a corpus: perplexities and bits per byte"),
@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch `lmloss COMMAND ARGS...` to COMMAND's main(ARGS); its exit code is returned."""
     import importlib
 
+    if argv is None:  # the process's own command line: this process is lmloss's
+        try:
+            setup_process()
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         listing = "\n".join(f"  {name:20s} {what}" for name, (_, what) in COMMANDS.items())
@@ -37,11 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(argv[1:]) or 0)
 
 
-def run_reporting_errors(run, args) -> int:
+def setup_process() -> None:
+    """What a process that runs an lmloss command sets up first (not a user's process that imports
+    lmloss, nor a test calling main(argv)): freed memory stays mapped (lmloss/malloc.py)."""
+    from lmloss import malloc
+
+    malloc.keep_freed_memory()
+
+
+def run_reporting_errors(run, args, *, own_process: bool = False) -> int:
     """run(args) as a command's exit code: 0 done; 2 for a bad input (ValueError, OSError,
     ImportError), 1 for anything else, each as one line "error: ..." on stderr with no traceback
-    unless args.debug; 130 when interrupted (the interruption's message says what was saved)."""
+    unless args.debug; 130 when interrupted (the interruption's message says what was saved).
+    own_process: main() was called with no argv, so this process is the command's (setup_process)."""
     try:
+        if own_process:
+            setup_process()
         run(args)
     except (ValueError, OSError, ImportError) as err:  # a user's input: a message, not a traceback
         if args.debug:

@@ -449,5 +449,5 @@ def main(argv=None) -> int:
     shows the traceback), 130 interrupted."""
     from lmloss.cli import run_reporting_errors
 
-    return run_reporting_errors(run, parse_args(argv))
+    return run_reporting_errors(run, parse_args(argv), own_process=argv is None)
 

@@ -30,6 +30,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 import lmloss
+from lmloss import malloc
 from lmloss.checkpoint import checkpoint_files, checkpoint_path, fingerprint, restore
 from lmloss.data import check_corpus_options, takes_field, takes_subset
 from lmloss.distributed import init_from_env
@@ -430,6 +431,7 @@ def results_json(args, result, ci: dict) -> dict:
     return dict(config=dict(vars(args), resolved=result.config),
                 versions=dict(lmloss=lmloss.__version__, torch=torch.__version__,
                               transformers=transformers.__version__, python=platform.python_version()),
+                runtime=dict(threads=torch.get_num_threads(), malloc=malloc.mode()),
                 totals=result.totals.to_dict(), metrics=result.metrics(),
                 confidence_intervals={k: list(v) for k, v in ci.items()},
                 elapsed_s=result.elapsed_s, tokens_per_s=result.tokens_per_s, notes=result.notes,
@@ -614,4 +616,4 @@ def main(argv=None) -> int:
     shows the traceback), 130 interrupted."""
     from lmloss.cli import run_reporting_errors
 
-    return run_reporting_errors(run, parse_args(argv))
+    return run_reporting_errors(run, parse_args(argv), own_process=argv is None)

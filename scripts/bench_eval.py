@@ -89,7 +89,9 @@ def _peak_rss_mib() -> float:
 def run_lmloss(args) -> dict:
     """One lmloss evaluation (worker process): per-document log-likelihoods, metrics, time, memory."""
     import lmloss
+    from lmloss import malloc
 
+    malloc.keep_freed_memory()  # as the `lmloss eval` process does (LMLOSS_MALLOC=default: glibc's own)
     model = lmloss.load_model(args.model, device="cpu", dtype="float32")
     tok = lmloss.load_tokenizer(args.model)
     docs = lmloss.load_corpus("wikitext", form="pages", detokenize=True, data_dir=args.data_dir,
@@ -102,7 +104,8 @@ def run_lmloss(args) -> dict:
     return dict(elapsed_s=res.elapsed_s, peak_rss_mib=_peak_rss_mib(), n_tokens=res.totals.n_tokens,
                 n_inputs=sum(w.n_inputs for w in res.windows),
                 loglikelihoods=[-d.totals.nll_nats for d in res.per_document], metrics=res.metrics(),
-                notes=res.notes, flops_per_token=_flops_per_token(model.module, args.max_length))
+                notes=res.notes, malloc=malloc.mode(),
+                flops_per_token=_flops_per_token(model.module, args.max_length))
 
 
 def run_lm_eval(args, workdir: Path) -> dict:
@@ -117,6 +120,8 @@ def run_lm_eval(args, workdir: Path) -> dict:
                batch_size=args.lm_eval_batch_size, limit=args.pages, task_dir=str(task_dir))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_CACHE=str(workdir / "hf_datasets"))
+    if args.lm_eval_malloc == "keep":  # the same allocator settings as lmloss's process (lmloss/malloc.py)
+        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
     proc = subprocess.run([args.lm_eval_python, "-c", _LM_EVAL_DRIVER, json.dumps(cfg)], env=env,
                           capture_output=True, text=True, cwd=workdir)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -129,7 +134,7 @@ def _lm_eval_cached(args, workdir: Path) -> dict:
     """lm-eval's result, read from --lm-eval-cache when that file holds a run with these settings
     (its numbers do not depend on lmloss's code), else run and, with --lm-eval-cache, saved there."""
     key = dict(model=str(Path(args.model).resolve()), pages=args.pages, max_length=args.max_length,
-               batch_size=args.lm_eval_batch_size)
+               batch_size=args.lm_eval_batch_size, malloc=args.lm_eval_malloc)
     cache = Path(args.lm_eval_cache) if args.lm_eval_cache else None
     if cache and cache.exists():
         saved = json.loads(cache.read_text())
@@ -163,13 +168,13 @@ def matmul_gflops(*, n: int = 1024, reps: int = 10, device: str = "cpu") -> floa
     """float32 matrix-multiply rate: best of `reps` (n x n) @ (n x n) products, in GFLOP/s."""
     import torch
 
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b, c = (torch.randn(n, n, device=device) for _ in range(3))
     best = math.inf
     for _ in range(reps + 2):
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        a @ b
+        torch.mm(a, b, out=c)  # into memory already mapped: the product's own rate
         if device == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
@@ -247,6 +252,9 @@ def main() -> None:
     p.add_argument("--lm-eval-batch-size", type=int, default=1)
     p.add_argument("--lm-eval-python", default="/tmp/lmeval-venv/bin/python",
                    help="python of a virtual environment with lm_eval installed")
+    p.add_argument("--lm-eval-malloc", choices=("default", "keep"), default="default",
+                   help="lm-eval's allocator: glibc's defaults (what its users get) or freed memory kept "
+                   "mapped, as lmloss's own process keeps it (lmloss/malloc.py)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--lm-eval-cache", help="reuse lm-eval's result from this file when its settings match; "
                    "else run lm-eval and save it there (timings are then not side by side)")
@@ -305,7 +313,8 @@ def main() -> None:
         print(f"{r['impl']:8s} {r['n_tokens']:8d} {r['elapsed_s']:8.1f} {r['tokens_per_s']:9.1f} "
               f"{r['peak_rss_mib']:13.0f}")
     speedup = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
-    print(f"\nlmloss / lm-eval tokens/s: {speedup:.2f}x")
+    print(f"\nlmloss / lm-eval tokens/s: {speedup:.2f}x (lmloss's allocator: {ours.get('malloc', '?')}; "
+          f"lm-eval's: {args.lm_eval_malloc})")
     print(f"floor: {ours['flops_per_token'] / 1e6:.0f} MFLOP/token at {gflops:.0f} GFLOP/s (fp32 matmul, "
           f"measured now) = {floor:.0f} tokens/s; lmloss reaches {rows[0]['tokens_per_s'] / floor:.0%} of it, "
           f"lm-eval {rows[1]['tokens_per_s'] / floor:.0%}")

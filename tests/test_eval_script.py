@@ -71,6 +71,7 @@ def test_end_to_end_results_json_table_and_plot(base_args, tmp_path, capsys):
     assert res["config"]["resolved"]["plan"] == "lm-eval" and res["config"]["max_length"] == 64
     assert res["config"]["batch_size"] is None and res["config"]["resolved"]["batch_size"] == 2  # CPU default
     assert res["versions"]["lmloss"] and res["versions"]["torch"]
+    assert res["runtime"]["threads"] >= 1 and res["runtime"]["malloc"].startswith("default")  # main(argv)
     assert set(res["confidence_intervals"]) >= {"bits_per_byte", "token_perplexity"}
     for name in ("token_perplexity", "byte_perplexity", "word_perplexity", "bits_per_byte"):
         assert name in printed
