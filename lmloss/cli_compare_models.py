@@ -22,12 +22,13 @@ import platform
 from pathlib import Path
 
 import lmloss
-from lmloss.cli_eval import add_window_options, apply_preset, corpus_specs, window_options
+from lmloss.cli_eval import add_window_options, apply_preset, check_fills_a_chunk, corpus_specs, window_options
 from lmloss.compare import compare, kl_divergence, paired_bootstrap, tokenizer_difference
 from lmloss.data import check_corpus_options, takes_field, takes_subset
 from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, resolve_window
 from lmloss.models import DTYPES, peek_config, resolve_device
 from lmloss.outputs import check_output_path, write_all
+from lmloss.prepare import check_counts_scored_bytes
 
 __all__ = ["build_parser", "parse_args", "run", "main"]
 
@@ -150,8 +151,22 @@ def _window(args, spec: str, tokenizer, info) -> dict:
         window["score_from"] = max_length // 2 if args.score_from == "half" else args.score_from
         lmloss.plan_windows([], plan="chunks", max_length=max_length, score_from=window["score_from"],
                             max_chunks=args.chunks, prefix_id=prefix_id)  # its checks, before loading
+        check_counts_scored_bytes(tokenizer)
     check_tokenizer_fits(tokenizer, info.vocab_size, spec)
+    window["max_length"] = max_length  # resolved: what check_fills_a_chunk measures the corpus against
     return window
+
+
+def _check_chunks(args, spec: str, docs, tokenizers: list, windows: list[dict], names: list[str]) -> None:
+    """Plan "chunks": every model's tokenizer fills at least one chunk of the corpus (lmloss eval's
+    check_fills_a_chunk), before any weights load; the error names the model where there are several."""
+    if args.plan != "chunks":
+        return
+    for name, tokenizer, window in zip(names, tokenizers, windows):
+        try:
+            check_fills_a_chunk(args, spec, tokenizer, docs, window["max_length"], window["bos_in_tokens"])
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}" if len(names) > 1 else str(err)) from None
 
 
 def _evaluate_keywords(args, window: dict) -> dict:
@@ -376,6 +391,7 @@ def run_kl(args) -> dict:
     notes: list[str] = []
     tokenizer, window = _kl_preflight(args, notes)
     spec, docs = _load_corpus(args)
+    _check_chunks(args, spec, docs, [tokenizer], [window], [args.reference])
     reference = lmloss.load_model(args.reference, device=args.device, dtype=args.reference_dtype or args.dtype,
                                   cache=not args.no_cache)
     model = lmloss.load_model(args.model, device=args.device, dtype=args.dtype, cache=not args.no_cache)
@@ -411,6 +427,7 @@ def run_paired(args) -> dict:
     names = split_list(args.models)
     tokenizers, windows = _paired_preflight(args, names)
     spec, docs = _load_corpus(args)
+    _check_chunks(args, spec, docs, tokenizers, windows, names)
     cmp = compare(names, docs, tokenizers=tokenizers, device=args.device, dtype=args.dtype, head_impl=args.head_impl,
                   cache=not args.no_cache,
                   per_model=[_evaluate_keywords(args, w) for w in windows], n_resamples=args.bootstrap,

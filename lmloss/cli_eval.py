@@ -37,6 +37,7 @@ from lmloss.distributed import init_from_env
 from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, resolve_window
 from lmloss.models import peek_config, resolve_device
 from lmloss.outputs import check_output_path, write_all
+from lmloss.prepare import check_counts_scored_bytes
 from lmloss.windows import PLANS
 
 __all__ = ["build_parser", "parse_args", "run", "main"]
@@ -312,6 +313,7 @@ def _preflight(args, dist_ctx):
         window["score_from"] = max_length // 2 if args.score_from == "half" else args.score_from
         lmloss.plan_windows([], plan="chunks", max_length=max_length, score_from=window["score_from"],
                             max_chunks=args.chunks, prefix_id=prefix_id)  # its checks, before loading
+        check_counts_scored_bytes(tokenizer)
     check_tokenizer_fits(tokenizer, info.vocab_size, args.model)
     specs = corpus_specs(args.dataset)
     check_corpus_options(specs, field=args.text_field, subset=args.subset)

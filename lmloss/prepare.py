@@ -22,7 +22,7 @@ import torch
 
 from lmloss.windows import Window, plan_windows
 
-__all__ = ["Prepared", "prepare", "Batch", "batches", "check_inputs"]
+__all__ = ["Prepared", "prepare", "Batch", "batches", "check_inputs", "check_counts_scored_bytes"]
 
 GROUP_BATCHES = 16  # batches per group of documents sorted together (_batch_order)
 
@@ -139,17 +139,26 @@ def _tokenize(tokenizer, documents, doc_ids, vocab_size: int, bos_in_tokens: boo
     return tokens
 
 
+def check_counts_scored_bytes(tokenizer) -> list[int]:
+    """The tokenizer's byte_lengths(), which plan "chunks" needs to count the bytes of the scored
+    tokens; ValueError where it has none or they are not exact (a normalizing tokenizer). The command
+    lines call it before a model loads."""
+    lengths = tokenizer.byte_lengths() if hasattr(tokenizer, "byte_lengths") else None
+    if not lengths or not getattr(tokenizer, "byte_exact", True):
+        name = getattr(tokenizer, "name", type(tokenizer).__name__)
+        raise ValueError(f"plan 'chunks' counts the bytes of the scored tokens, and tokenizer {name!r} cannot "
+                         f"give exact byte counts ({getattr(tokenizer, 'byte_note', 'no byte lengths')}); "
+                         "use plan 'lm-eval' or 'sliding', which count the whole text")
+    return lengths
+
+
 def _scored_counts(tokenizer, documents, tokens, windows) -> list[tuple[int, int, int]]:
     """(bytes, words, chars) of the text each document's scored tokens stand for, for plans that
     score part of a document ("chunks"): a scored run tokens[a:b] is the text's UTF-8 bytes
     [offset[a], offset[b]), offsets being the running sums of the tokens' byte lengths; chars count
     the bytes that start a character in that range. Words are not counted (0): a run may cut a word."""
-    lengths = tokenizer.byte_lengths() if hasattr(tokenizer, "byte_lengths") else None
+    lengths = check_counts_scored_bytes(tokenizer)
     name = getattr(tokenizer, "name", type(tokenizer).__name__)
-    if not lengths or not getattr(tokenizer, "byte_exact", True):
-        raise ValueError(f"plan 'chunks' counts the bytes of the scored tokens, and tokenizer {name!r} cannot "
-                         f"give exact byte counts ({getattr(tokenizer, 'byte_note', 'no byte lengths')}); "
-                         "use plan 'lm-eval' or 'sliding', which count the whole text")
     out = [[0, 0, 0] for _ in documents]
     offsets: dict[int, list[int]] = {}
     for w in windows:

@@ -115,6 +115,37 @@ def test_the_chunk_check_reads_only_a_prefix_of_a_long_text_and_suggests_joining
     assert _eval(tiny_model, assets, *argv, "--form", "stream") == 1 and len(loads) == 2
 
 
+def test_chunks_with_a_tokenizer_that_cannot_count_bytes_is_refused_before_the_model_loads(
+        tiny_model, assets, tmp_path, capsys, loads):
+    # A SentencePiece-style tokenizer whose NFKC normalizer rewrites text ("ﬁ" -> "fi"): its tokens do
+    # not give the text's bytes back, so plan "chunks" (which counts the scored tokens' bytes) cannot work.
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}, "▁": 259, "a": 260}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    folder = tmp_path / "nfkc-tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    text = tmp_path / "a.txt"
+    text.write_text(_text(200))
+    argv = ["--model", tiny_model, "--tokenizer", str(folder), "--data-dir", str(assets / "corpora"),
+            "--no-progress", "--bootstrap", "0", "--dataset", str(text), "--max-length", "64"]
+    from lmloss import cli_eval
+
+    assert cli_eval.main(argv + ["--plan", "chunks"]) == 2
+    err = capsys.readouterr().err
+    assert loads == [] and "Traceback" not in err
+    assert "plan 'chunks' counts the bytes of the scored tokens" in err and "cannot give exact byte counts" in err
+    assert "use plan 'lm-eval' or 'sliding'" in err
+    # plan lm-eval counts the whole text's bytes, so this check is not its; (this toy tokenizer then
+    # fails the vocabulary check against the GPT-2-sized model, also before loading)
+    assert cli_eval.main(argv + ["--plan", "lm-eval"]) == 2 and loads == []
+    assert "plan 'chunks'" not in capsys.readouterr().err
+
+
 def test_a_form_the_corpus_lacks_is_refused_with_the_forms_it_has(tiny_model, assets, capsys, loads):
     assert _eval(tiny_model, assets, "--preset", "llama.cpp", "--max-length", "64", "--dataset", "lambada") == 2
     err = capsys.readouterr().err

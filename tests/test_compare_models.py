@@ -478,6 +478,8 @@ def no_weights(monkeypatch):
     ("max length", r"--max-length 64 is above the context length"),
     ("two corpora", r"names 2 corpora"),
     ("plot suffix", r"--plot .* does not end in .png"),
+    ("shorter than a chunk", r"plan 'chunks' scores whole chunks of 32 tokens \(--max-length\) and drops the "
+                             r"rest, but the longest of its 4 documents has 1[0-9] tokens"),
 ])
 def test_errors_come_before_any_model_loads(folders, corpus, tmp_path, capsys, no_weights, case, words):
     base = ["--reference", folders["a"], "--dataset", corpus, "--no-progress"]
@@ -485,7 +487,8 @@ def test_errors_come_before_any_model_loads(folders, corpus, tmp_path, capsys, n
             "wider head": base + ["--model", folders["wide"], "--tokenizer", folders["a"]],
             "max length": base + ["--model", folders["b"], "--max-length", "64"],
             "two corpora": base + ["--model", folders["b"], "--dataset", f"{corpus},{tmp_path / 'x.txt'}"],
-            "plot suffix": base + ["--model", folders["b"], "--plot", str(tmp_path / "p.jpg")]}[case]
+            "plot suffix": base + ["--model", folders["b"], "--plot", str(tmp_path / "p.jpg")],
+            "shorter than a chunk": base + ["--model", folders["b"], "--plan", "chunks", "--max-length", "32"]}[case]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and re.search(words, err) and "Traceback" not in err
@@ -496,3 +499,12 @@ def test_paired_mode_checks_every_model_before_loading_any(folders, corpus, caps
             "--dataset", corpus, "--no-progress"]
     assert cli.main(argv) == 2
     assert "is not this model's tokenizer" in capsys.readouterr().err
+
+
+def test_paired_mode_refuses_a_corpus_shorter_than_a_chunk_naming_the_model(folders, corpus, capsys, no_weights):
+    argv = ["--models", f"{folders['a']},{folders['b']}", "--dataset", corpus, "--no-progress",
+            "--plan", "chunks", "--max-length", "32"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {folders['a']}: --dataset {corpus}: plan 'chunks' scores whole chunks of 32")
+    assert "--form stream" in err and "Traceback" not in err
