@@ -22,7 +22,7 @@ import platform
 from pathlib import Path
 
 import lmloss
-from lmloss.cli_eval import add_window_options, apply_preset, check_fills_a_chunk, corpus_specs, window_options
+from lmloss.cli_options import add_window_options, apply_preset, check_fills_a_chunk, corpus_specs, window_options
 from lmloss.compare import compare, kl_divergence, paired_bootstrap, tokenizer_difference
 from lmloss.data import check_corpus_options, takes_field, takes_subset
 from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, resolve_window

@@ -85,7 +85,7 @@ def test_lm_eval_preset_parity_with_bos_in_the_token_list(gemma, assets):
     """lm-eval scores with a float32 log_softmax over 262,144 classes, whose sum of exponentials
     rounds low: its log-likelihoods sit 1.0-1.2e-5 above the exact ones. A float32 loop on lmloss's
     windows reproduces them (bit for bit here); a float64 loop gives lmloss's numbers."""
-    from lmloss.cli_eval import bos_in_tokens
+    from lmloss.cli_options import bos_in_tokens
 
     model, tokenizer = gemma
     docs = lmloss.load_corpus("wikitext", data_dir=str(assets / "corpora"), limit=3, detokenize=True)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lmloss
-from lmloss.cli_eval import bos_in_tokens, chunk_numbers
+from lmloss.cli_eval_report import chunk_numbers
+from lmloss.cli_options import bos_in_tokens
 from lmloss.data import Document
 
 VOCAB, BOS, EOS = 258, 256, 257
