@@ -15,6 +15,10 @@ CPU methods (forward, per-token NLL of logits = hidden @ weight.T):
     mm+F.ce      F.cross_entropy(hidden @ weight.T, targets, reduction="none")
 Every method is first checked against lmloss's float64 reference on the first rows.
 
+CUDA methods: "lmloss" (Triton forward, Triton backward with float32 atomics), "lmloss (chunks bwd)" (the
+same forward; backward by vocabulary chunks, lmloss/ops/linear_triton_chunks.py), the logits paths,
+torch.compile of mm + F.cross_entropy, Cut Cross-Entropy and Liger-Kernel when importable.
+
 CPU memory method: each measurement runs in a fresh subprocess that builds the inputs, warms the
 method up on 64 rows, resets the kernel's peak-RSS counter (`echo 5 > /proc/self/clear_refs`),
 reads VmRSS, runs the method, and reports peak extra = VmHWM - VmRSS(before): the most memory the
@@ -157,10 +161,25 @@ def _f64_sum(hidden, weight, targets, rows=1024):
     return total
 
 
+def _with_backward(choice):
+    """lmloss.linear_cross_entropy with lmloss.ops.linear.TRITON_BACKWARD = choice while the graph is
+    built (the fused op records it for its backward): its fwd-only row repeats "lmloss"'s forward."""
+    import lmloss.ops.linear as lin
+
+    def fn(h, w, t):
+        saved, lin.TRITON_BACKWARD = lin.TRITON_BACKWARD, choice
+        try:
+            return lmloss.linear_cross_entropy(h, w, t, reduction="sum")
+        finally:
+            lin.TRITON_BACKWARD = saved
+    return fn
+
+
 def cuda_methods(args):
     """name -> fn(hidden, weight, targets) -> summed loss (differentiable where the method is)."""
     methods = {
         "lmloss": lambda h, w, t: lmloss.linear_cross_entropy(h, w, t, reduction="sum"),
+        "lmloss (chunks bwd)": _with_backward("chunks"),
         "mm+lmloss.token_nll": lambda h, w, t: lmloss.cross_entropy(h @ w.T, t, reduction="sum"),
         "mm+F.ce": lambda h, w, t: F.cross_entropy((h @ w.T).float(), t, reduction="sum"),
     }

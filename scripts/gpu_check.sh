@@ -47,10 +47,10 @@ section env 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,
     python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__,
     torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")";
     python3 -c "import cut_cross_entropy, liger_kernel; print(\"cce and liger importable\")"'
-TAIL_LINES=30 section linear_tests 130 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_linear.py \
+TAIL_LINES=30 section linear_tests 160 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_linear.py \
     tests/test_cuda.py -k linear
 TAIL_LINES=30 section linear_bf16 150 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 --modes fwd+bwd \
-    --methods lmloss "torch.compile(mm+F.ce)" cce liger ${GPU_CHECK_NO_COMPILE:+--no-compile}
+    --methods lmloss "lmloss (chunks bwd)" "torch.compile(mm+F.ce)" cce liger ${GPU_CHECK_NO_COMPILE:+--no-compile}
 TAIL_LINES=20 section kl_stats_tests 90 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_kl.py \
     tests/test_token_stats.py
 TAIL_LINES=20 section linear_bwd_tiles 60 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 \

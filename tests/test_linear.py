@@ -270,7 +270,7 @@ def test_triton_kernel_in_interpreter():
 
 _TRITON_BACKWARD_SCRIPT = textwrap.dedent("""
     import torch, torch.nn.functional as F, lmloss, test_linear as T
-    from lmloss.ops import linear_triton as lt
+    from lmloss.ops import linear as lin, linear_triton as lt, linear_triton_chunks as ltc
 
     def grads64(hidden, weight, b, targets, softcap, reduction, g, ignore_index):
         # float64 autograd of F.cross_entropy((h @ W.T + b), t), independent of lmloss
@@ -322,10 +322,19 @@ _TRITON_BACKWARD_SCRIPT = textwrap.dedent("""
             dh, dw, db = lt.linear_backward(hidden, weight, targets, b, lse, torch.where(keep, upstream[reduction], 0.0),
                                             softcap=softcap, want_b=bias, config=config, group_rows=group_rows)
             mine = [dh, dw] + ([db] if bias else [])
+        # the chunked Triton backward, on the same upstream gradient: chunks of 32 (4 chunks, the last partial)
+        lse, _ = lt.linear_lse_target(hidden, weight, targets, b, softcap=softcap)
+        keep = targets != ignore_index
+        upstream = {"none": g.float(), "sum": torch.ones(N), "mean": torch.full((N,), 1.0 / int(keep.sum()))}
+        chunked = ltc.linear_backward_chunks(hidden, weight, targets, b, lse,
+                                             torch.where(keep, upstream[reduction], 0.0), softcap=softcap,
+                                             want_b=bias, chunk_cols=32, config=config)
+        chunked = list(chunked[:2]) + ([chunked[2]] if bias else [])
         assert all(torch.equal(x, y) for x, y in zip((hidden, weight, targets) + ((b,) if bias else ()), before))
         ref = grads64(hidden, weight, b, targets, softcap, reduction, g, ignore_index)
         plain = grads_torch(hidden, weight, b, targets, softcap, reduction, g, ignore_index)
-        for name, m, r, p in zip(("dh", "dW", "dbias"), mine, ref, plain):
+        for name, m, r, p in [*zip(("dh", "dW", "dbias"), mine, ref, plain),
+                              *zip(("chunks dh", "chunks dW", "chunks dbias"), chunked, ref, plain)]:
             assert m.dtype == dtype and m.shape == r.shape, (name, m.dtype, m.shape)
             scale = r.abs().max().item()
             err = (m.double() - r).abs().max().item()
@@ -334,7 +343,7 @@ _TRITON_BACKWARD_SCRIPT = textwrap.dedent("""
             else:  # CCE's rule: no worse than PyTorch in the same dtype, up to half an ulp of the largest
                 err_torch = (p.double() - r).abs().max().item()
                 assert err <= err_torch + torch.finfo(dtype).eps / 2 * scale, (dtype, name, err, err_torch, scale)
-        assert mine[0][:3].abs().max() == 0  # ignored rows get no gradient
+        assert mine[0][:3].abs().max() == 0 and chunked[0][:3].abs().max() == 0  # ignored rows: no gradient
         print(dtype, bias, softcap, reduction, "ok", flush=True)
 
     # gradients asked for one input at a time; every target ignored
@@ -354,6 +363,21 @@ _TRITON_BACKWARD_SCRIPT = textwrap.dedent("""
     h3 = hidden.reshape(1, N, d)[:, :-1].clone().requires_grad_()
     lmloss.linear_cross_entropy(h3[:, :], weight, targets[None, :-1], impl="triton").backward()
     assert h3.grad.shape == (1, N - 1, d) and h3.grad.isfinite().all()
+    # the public path with the chunked backward chosen, against the atomic one; want_* one at a time
+    hidden, weight, b, targets = T.make(N, d, V, bias=True, n_ignored=3)
+    grads = {}
+    for choice in ("atomic", "chunks"):
+        lin.TRITON_BACKWARD = choice
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight, b)]
+        lmloss.linear_cross_entropy(*leaves[:2], targets, bias=leaves[2], impl="triton").backward()
+        grads[choice] = [x.grad for x in leaves]
+    lin.TRITON_BACKWARD = "atomic"
+    for x, y in zip(grads["atomic"], grads["chunks"]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    only_h = ltc.linear_backward_chunks(hidden, weight, targets, b, lse := lt.linear_lse_target(hidden, weight, targets, b)[0],
+                                        torch.ones(N), want_w=False, chunk_cols=50)
+    only_w = ltc.linear_backward_chunks(hidden, weight, targets, b, lse, torch.ones(N), want_h=False)
+    assert only_h[1] is None and only_h[2] is None and only_w[0] is None and only_w[2] is None
     print("triton backward ok")
 """)
 
@@ -437,11 +461,15 @@ def test_logit_jumping_far_above_earlier_blocks(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backward", ["atomic", "chunks"])
 @pytest.mark.parametrize("V", [50257, 262144])
-def test_triton_backward_on_cuda_at_scale(V):
+def test_triton_backward_on_cuda_at_scale(V, backward, monkeypatch):
     """bf16 N=8192, d=768: the Triton backward's dh and dW against float32 PyTorch (the float32
     logits' own gradient), no worse than bf16 PyTorch up to one bf16 ulp of the largest entry; two runs
-    agree to a bf16 ulp (the float32 atomics sum in a varying order)."""
+    agree to a bf16 ulp (the float32 atomics sum in a varying order). Both Triton backwards."""
+    from lmloss.ops import linear as lin
+
+    monkeypatch.setattr(lin, "TRITON_BACKWARD", backward)
     N, d = 8192, 768
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(N, d, device="cuda", generator=g).bfloat16()
@@ -474,10 +502,14 @@ def test_triton_backward_on_cuda_at_scale(V):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backward", ["atomic", "chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_backward_on_cuda_bias_softcap_random_grad(dtype):
+def test_triton_backward_on_cuda_bias_softcap_random_grad(dtype, backward, monkeypatch):
     """d=768 (twelve BLOCK_K steps), bias, softcap 30, reduction="none" with a random upstream grad,
-    against float64 autograd on the GPU."""
+    against float64 autograd on the GPU; both Triton backwards."""
+    from lmloss.ops import linear as lin
+
+    monkeypatch.setattr(lin, "TRITON_BACKWARD", backward)
     hidden, weight, b, targets = make(1000, 768, 50257, dtype=dtype, bias=True, n_ignored=9, scale=10.0)
     upstream = torch.rand(1000, dtype=torch.float64, device="cuda")
     leaves64 = [x.cuda().double().requires_grad_() for x in (hidden, weight, b)]

@@ -73,6 +73,7 @@ class _LinearNLL(torch.autograd.Function):
         lse, target_logit = _FORWARDS[name](h2, weight, t1, bias, ignore_index, softcap, chunk_size)
         ctx.save_for_backward(h2, weight, bias, t1, lse)
         ctx.options = (ignore_index, softcap, chunk_size, name)
+        ctx.triton_backward = TRITON_BACKWARD  # the choice when the graph was built
         return _nll(lse, target_logit, t1, ignore_index, h2.dtype)
 
     @staticmethod
@@ -80,9 +81,9 @@ class _LinearNLL(torch.autograd.Function):
         h2, weight, bias, t1, lse = ctx.saved_tensors
         ignore_index, softcap, chunk_size, name = ctx.options
         want = ctx.needs_input_grad
-        backward = {"chunked": _backward_chunked, "triton": _backward_triton}[name]
-        grads = backward(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap,
-                         chunk_size, want[0], want[1], bias is not None and want[2])
+        args = (h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap, chunk_size, want[0], want[1],
+                bias is not None and want[2])
+        grads = _backward_chunked(*args) if name == "chunked" else _backward_triton(*args, ctx.triton_backward)
         return (*grads, None, None, None, None, None)
 
 
@@ -145,13 +146,27 @@ def _forward_triton(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
     return _linear_triton().linear_lse_target(h2, weight, t1, bias, softcap=softcap)
 
 
+# Which Triton backward impl="triton" takes: "atomic" (linear_triton.linear_backward: dz never leaves the
+# chip, dh and dW summed with float32 atomics; measured on an H200) or "chunks"
+# (linear_triton_chunks.linear_backward_chunks: dz written one vocabulary chunk at a time, ~3% of the
+# logits, the products on cuBLAS; not yet timed on a GPU). scripts/bench_linear_nll.py times both. Read
+# when linear_cross_entropy builds its graph, and kept for that graph's backward.
+TRITON_BACKWARD = "atomic"
+
+
 def _backward_triton(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap, chunk_size,
-                     want_h, want_w, want_b):
-    """The Triton backward (lmloss/ops/linear_triton.py): each tile of logits rebuilt from h and W,
+                     want_h, want_w, want_b, choice="atomic"):
+    """A Triton backward (choice: TRITON_BACKWARD's values): each tile of logits rebuilt from h and W,
     dz formed in registers, dh / dW / dbias summed in float32. grad_nll is 0 on ignored rows."""
     g = torch.where(t1 == ignore_index, 0.0, grad_nll.float())  # (N,), contiguous even if grad is expanded
-    return _linear_triton().linear_backward(h2, weight, t1, bias, lse, g, softcap=softcap, want_h=want_h,
-                                            want_w=want_w, want_b=want_b)
+    if choice == "chunks":
+        _linear_triton()  # the install hint when triton is missing
+        from lmloss.ops.linear_triton_chunks import linear_backward_chunks as backward
+    elif choice == "atomic":
+        backward = _linear_triton().linear_backward
+    else:
+        raise ValueError(f"lmloss.ops.linear.TRITON_BACKWARD must be 'atomic' or 'chunks', got {choice!r}")
+    return backward(h2, weight, t1, bias, lse, g, softcap=softcap, want_h=want_h, want_w=want_w, want_b=want_b)
 
 
 def _nll(lse, target_logit, t1, ignore_index, dtype):

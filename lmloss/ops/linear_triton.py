@@ -157,6 +157,39 @@ def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None, config=None, p
 
 
 @triton.jit
+def _dz_tile(h_rows, w_rows, b_ptr, t_ptr, lse_ptr, g_ptr, rows64, cols, row_ok, col_ok, D, softcap,
+             HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) tile of dz in float32, for both backwards. h_rows (BLOCK_M, 1) and w_rows
+    (BLOCK_N, 1): row start pointers of h and W; cols: the tile's vocabulary ids (targets compare to them);
+    b_ptr + cols its bias entries."""
+    cols64 = cols.to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    # 1. z = h @ W.T for this tile, exactly as the forward built it (fp32 accumulation)
+    z = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = (k0 + ks) < D
+        h = tl.load(h_rows + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + (k0 + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:  # interpreter only: its bf16 tl.dot multiplies bit patterns (triton-lang/triton#11584)
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:  # softcap * tanh(z / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1), as in the forward
+        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+    # 2. dz = (softmax - onehot) * g in registers. g = 0 on ignored rows (and rows past N); the where
+    #    also keeps an overflowing exp on such rows, or on columns past V, out of the sums.
+    lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
+    g = tl.load(g_ptr + rows64, mask=row_ok, other=0.0)
+    target = tl.load(t_ptr + rows64, mask=row_ok, other=-1)
+    dz = (tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * g[:, None]
+    if HAS_SOFTCAP:  # chain rule through the cap: 1 - tanh^2, tanh = z / softcap
+        dz *= 1.0 - (z / softcap) * (z / softcap)
+    return tl.where((g != 0.0)[:, None] & col_ok[None, :], dz, 0.0)
+
+
+@triton.jit
 def _linear_ce_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
                                N, V, D, stride_h, stride_w, softcap, group_m,
                                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_H: tl.constexpr,
@@ -183,28 +216,9 @@ def _linear_ce_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_pt
     ks = tl.arange(0, BLOCK_K)
     h_rows = h_ptr + rows64[:, None] * stride_h  # (BLOCK_M, 1) row starts
     w_rows = w_ptr + cols64[:, None] * stride_w  # (BLOCK_N, 1)
-    # 1. z = h @ W.T for this tile, exactly as the forward built it (fp32 accumulation)
-    z = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k_ok = (k0 + ks) < D
-        h = tl.load(h_rows + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_rows + (k0 + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:  # interpreter only: its bf16 tl.dot multiplies bit patterns (triton-lang/triton#11584)
-            h, w = h.to(tl.float32), w.to(tl.float32)
-        z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION)
-    if HAS_BIAS:
-        z += tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:  # softcap * tanh(z / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1), as in the forward
-        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
-    # 2. dz = (softmax - onehot) * g in registers. g = 0 on ignored rows (and rows past N); the where
-    #    also keeps an overflowing exp on such rows, or on columns past V, out of the sums.
-    lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
-    g = tl.load(g_ptr + rows64, mask=row_ok, other=0.0)
-    target = tl.load(t_ptr + rows64, mask=row_ok, other=-1)
-    dz = (tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * g[:, None]
-    if HAS_SOFTCAP:  # chain rule through the cap: 1 - tanh^2, tanh = z / softcap
-        dz *= 1.0 - (z / softcap) * (z / softcap)
-    dz = tl.where((g != 0.0)[:, None] & col_ok[None, :], dz, 0.0)
+    # 1-2. the tile of logits as the forward built it, then dz, in registers
+    dz = _dz_tile(h_rows, w_rows, b_ptr, t_ptr, lse_ptr, g_ptr, rows64, cols, row_ok, col_ok, D, softcap,
+                  HAS_BIAS, HAS_SOFTCAP, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     if WANT_B:
         tl.atomic_add(db_ptr + cols64, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
     # 3. dh[rows] += dz @ W[cols] and dW[cols] += dz.T @ h[rows], BLOCK_K columns of d at a time; dz
@@ -253,6 +267,15 @@ def default_backward_config(h2, precision: str) -> tuple[int, int, int, int, int
     return 64, 64, 32, 4, 2
 
 
+def backward_inputs(h2, weight, bias, lse, g, want_b):
+    """The backward launchers' inputs as their kernels read them: h2 and weight contiguous, lse and g
+    float32 contiguous, want_b only with a bias; TypeError for float64."""
+    if h2.dtype == torch.float64:
+        raise TypeError("the Triton path has no float64 tl.dot; use impl='chunked' for float64")
+    return (h2.contiguous(), weight.contiguous(), lse.float().contiguous(), g.float().contiguous(),
+            want_b and bias is not None)
+
+
 def linear_backward(h2, weight, t1, bias, lse, g, *, softcap=None, want_h=True, want_w=True, want_b=False,
                     config=None, precision=None, group_rows=None):
     """-> (dh, dW, dbias), the gradients of sum(g * nll) for nll = lse - z[t1], z = h2 @ weight.T + bias
@@ -262,13 +285,8 @@ def linear_backward(h2, weight, t1, bias, lse, g, *, softcap=None, want_h=True, 
     float16; t1 (N,) int64; lse (N,) float32 from linear_lse_target; g (N,) float32, 0.0 where the
     target is ignored. config and precision as in linear_lse_target (default default_backward_config);
     group_rows: rows per L2 group (default: what fits _GROUP_L2_BYTES)."""
-    if h2.dtype == torch.float64:
-        raise TypeError("the Triton path has no float64 tl.dot; use impl='chunked' for float64")
-    N, D = h2.shape
-    V = weight.shape[0]
-    h2, weight = h2.contiguous(), weight.contiguous()
-    lse, g = lse.float().contiguous(), g.float().contiguous()
-    want_b = want_b and bias is not None
+    h2, weight, lse, g, want_b = backward_inputs(h2, weight, bias, lse, g, want_b)
+    (N, D), V = h2.shape, weight.shape[0]
     precision = default_precision(h2) if precision is None else precision
     block_m, block_n, block_k, warps, stages = (default_backward_config(h2, precision) if config is None
                                                 else config)

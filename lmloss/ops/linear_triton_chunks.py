@@ -1,0 +1,111 @@
+"""The fused linear cross-entropy's backward by vocabulary chunks: a Triton kernel writes one chunk of
+the logits' gradient, and the tensor-core library (cuBLAS through torch.mm) takes the two products.
+An alternative to linear_triton.linear_backward, whose float32 atomics are its cost.
+
+For each chunk of `cols` vocabulary entries [c0, c0 + cols), all N rows at once:
+    1. dz = (exp(z - lse) - onehot(target)) * g    Triton: z = h @ W[c0:c1].T rebuilt tile by tile in
+       dz *= 1 - (z / softcap)^2                    registers (float32, as the forward built it), dz
+       dbias[c0:c1] += dz.sum(0)                    stored in the inputs' dtype into one (N, cols)
+                                                    buffer, reused for every chunk
+    2. dW[c0:c1] = dz.T @ h                         owned by this chunk: written once, no accumulation
+    3. dh += dz @ W[c0:c1]                          float32 accumulator, N x d
+Products on the tensor cores with float32 output (torch.mm's out_dtype) for bf16/fp16, dz entering
+them rounded to the inputs' dtype as torch's own backward rounds it; float32 inputs run float32 products.
+Cost: the 3 products of N x V x d (the tile rebuild, dW, dh), one write and two reads of the dz chunk in
+the inputs' dtype, and N x d float32 read and written per chunk for dh.
+Memory beyond the gradients: the dz buffer, N x cols in the inputs' dtype: cols = V / 32 rounded down
+to the tile width, so about 3% of the logits; plus the N x d float32 accumulator of dh.
+Deterministic: no atomics except dbias's (bias only). Tested on the CPU with TRITON_INTERPRET=1.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from lmloss.ops.linear_triton import _dz_tile, backward_inputs, default_precision
+
+_CHUNKS = 32  # the dz buffer holds about V / _CHUNKS columns: ~3% of the logits
+
+
+@triton.jit
+def _dz_chunk_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dz_ptr, db_ptr,
+                     N, C, D, c0, stride_h, stride_w, stride_dz, softcap,
+                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_B: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # w_ptr and db_ptr point at the chunk's first vocabulary entry, b_ptr at the whole bias; cols are chunk-local
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    col_ok = cols < C
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    # 1-2. the tile of logits as the forward built it, then dz (linear_triton._dz_tile); targets are
+    #      vocabulary ids, so they compare to c0 + cols; rows past N and columns past C give 0
+    dz = _dz_tile(h_ptr + rows64[:, None] * stride_h, w_ptr + cols64[:, None] * stride_w, b_ptr, t_ptr,
+                  lse_ptr, g_ptr, rows64, cols + c0, row_ok, col_ok, D, softcap,
+                  HAS_BIAS, HAS_SOFTCAP, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    if WANT_B:
+        tl.atomic_add(db_ptr + cols64, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
+    # 3. the tile of dz, rounded once to the buffer's dtype (the inputs')
+    tl.store(dz_ptr + rows64[:, None] * stride_dz + cols64[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def default_chunk_config(h2) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the dz kernel: a plain GEMM tile with an
+    elementwise epilogue. Not yet timed on a GPU (no device was lent when this was written):
+    the forward's bf16 tile 256 x 128 x 64 needs the online-lse registers this kernel does not, so
+    128 x 128 x 64 at 8 warps and 3 stages is the starting point; scripts/bench_linear_nll.py
+    times this backward as "lmloss (chunks bwd)"."""
+    if not h2.is_cuda:  # the interpreter: small tiles keep the CPU emulation quick
+        return 16, 32, 16, 1, 1
+    if h2.element_size() == 2:
+        return 128, 128, 64, 8, 3
+    return 64, 64, 32, 4, 2
+
+
+def _product_f32(a, b):
+    """a @ b accumulated and returned in float32: on the tensor cores for CUDA bf16/fp16 (torch.mm's
+    out_dtype), else in float32 from float32 operands (the values of a and b, exactly)."""
+    from lmloss.ops.linear import _has_mm_f32, _mm_f32
+
+    if a.dtype != torch.float32 and _has_mm_f32(a.device, a.dtype):
+        return _mm_f32(a, b)
+    return a.float() @ b.float()
+
+
+def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h=True, want_w=True,
+                           want_b=False, chunk_cols=None, config=None, precision=None):
+    """-> (dh, dW, dbias): the same contract and result as linear_triton.linear_backward (gradients of
+    sum(g * nll), returned in the inputs' dtypes, None where not wanted), computed by vocabulary
+    chunks (module docstring). chunk_cols: vocabulary entries per chunk (default about V / 32, a
+    multiple of the tile width); config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the dz
+    kernel, default default_chunk_config(h2)."""
+    h2, weight, lse, g, want_b = backward_inputs(h2, weight, bias, lse, g, want_b)
+    (N, D), V = h2.shape, weight.shape[0]
+    precision = default_precision(h2) if precision is None else precision
+    block_m, block_n, block_k, warps, stages = default_chunk_config(h2) if config is None else config
+    if chunk_cols is None:
+        chunk_cols = max(block_n, V // _CHUNKS // block_n * block_n)
+    chunk_cols = min(chunk_cols, V)
+    dz = torch.empty(N, chunk_cols, dtype=h2.dtype, device=h2.device)  # (N, cols), reused
+    dh = torch.zeros(N, D, dtype=torch.float32, device=h2.device) if want_h else None
+    dw = torch.empty(V, D, dtype=weight.dtype, device=h2.device) if want_w else None
+    db = torch.zeros(V, dtype=torch.float32, device=h2.device) if want_b else None
+    for c0 in range(0, V, chunk_cols):
+        C = min(chunk_cols, V - c0)
+        dz_c = dz[:, :C]  # (N, C), row stride chunk_cols
+        grid = (triton.cdiv(N, block_m), triton.cdiv(C, block_n))
+        _dz_chunk_kernel[grid](
+            h2, weight[c0:], bias if bias is not None else h2, t1, lse, g, dz_c,
+            db[c0:] if want_b else lse, N, C, D, c0, h2.stride(0), weight.stride(0), dz.stride(0),
+            float(softcap) if softcap is not None else 1.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WANT_B=want_b,
+            PRECISION=precision, UPCAST=not h2.is_cuda,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        if want_w:  # 2. this chunk's rows of dW, rounded once
+            dw[c0:c0 + C] = _product_f32(dz_c.T, h2)
+        if want_h:  # 3. dh += dz @ W[c0:c1], float32
+            dh += _product_f32(dz_c, weight[c0:c0 + C])
+    cast = lambda acc, like: None if acc is None else acc.to(like.dtype)  # noqa: E731
+    return cast(dh, h2), dw, cast(db, bias)
