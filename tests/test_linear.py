@@ -271,6 +271,7 @@ def test_triton_kernel_in_interpreter():
 _TRITON_BACKWARD_SCRIPT = textwrap.dedent("""
     import torch, torch.nn.functional as F, lmloss, test_linear as T
     from lmloss.ops import linear as lin, linear_triton as lt, linear_triton_chunks as ltc
+    torch.manual_seed(0)  # the upstream gradients below: torch seeds each process at random otherwise
 
     def grads64(hidden, weight, b, targets, softcap, reduction, g, ignore_index):
         # float64 autograd of F.cross_entropy((h @ W.T + b), t), independent of lmloss
@@ -340,9 +341,11 @@ _TRITON_BACKWARD_SCRIPT = textwrap.dedent("""
             err = (m.double() - r).abs().max().item()
             if dtype == torch.float32:
                 assert err <= 1e-5 * scale, (dtype, name, err, scale)
-            else:  # CCE's rule: no worse than PyTorch in the same dtype, up to half an ulp of the largest
+            else:  # CCE's rule: no worse than PyTorch in the same dtype, up to one ulp of the largest entry:
+                # half for the final rounding to dtype, half for the other order of the operand roundings
+                # (30 upstream draws x 2 bf16 cases: the worst excess was 0.62 of it, for both backwards)
                 err_torch = (p.double() - r).abs().max().item()
-                assert err <= err_torch + torch.finfo(dtype).eps / 2 * scale, (dtype, name, err, err_torch, scale)
+                assert err <= err_torch + torch.finfo(dtype).eps * scale, (dtype, name, err, err_torch, scale)
         assert mine[0][:3].abs().max() == 0 and chunked[0][:3].abs().max() == 0  # ignored rows: no gradient
         print(dtype, bias, softcap, reduction, "ok", flush=True)
 
