@@ -209,7 +209,7 @@ def test_only_hidden_needs_grad():
     torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_errors_are_clear():
+def test_errors_are_clear(monkeypatch):
     hidden, weight, _, targets = make(4, 8, 50)
     with pytest.raises(ValueError, match="share d"):
         lmloss.linear_token_nll(hidden, weight[:, :7], targets)
@@ -231,6 +231,11 @@ def test_errors_are_clear():
         lmloss.linear_cross_entropy(hidden, weight, targets, reduction="avg")
     with pytest.raises(ValueError, match="softcap"):
         lmloss.linear_token_nll(hidden, weight, targets, softcap=-1.0)
+    from lmloss.ops import linear as lin
+
+    monkeypatch.setattr(lin, "TRITON_BACKWARD", "fastest")
+    with pytest.raises(ValueError, match=r"TRITON_BACKWARD must be one of \('atomic', 'chunks'\), got 'fastest'"):
+        lmloss.linear_cross_entropy(hidden.requires_grad_(), weight, targets)
 
 
 _TRITON_SCRIPT = textwrap.dedent("""

@@ -73,6 +73,9 @@ class _LinearNLL(torch.autograd.Function):
         lse, target_logit = _FORWARDS[name](h2, weight, t1, bias, ignore_index, softcap, chunk_size)
         ctx.save_for_backward(h2, weight, bias, t1, lse)
         ctx.options = (ignore_index, softcap, chunk_size, name)
+        if TRITON_BACKWARD not in TRITON_BACKWARDS:  # before any work, not at the backward
+            raise ValueError(f"lmloss.ops.linear.TRITON_BACKWARD must be one of {TRITON_BACKWARDS}, got "
+                             f"{TRITON_BACKWARD!r}")
         ctx.triton_backward = TRITON_BACKWARD  # the choice when the graph was built
         return _nll(lse, target_logit, t1, ignore_index, h2.dtype)
 
@@ -152,12 +155,13 @@ def _forward_triton(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
 # logits, the products on cuBLAS; not yet timed on a GPU). scripts/bench_linear_nll.py times both. Read
 # when linear_cross_entropy builds its graph, and kept for that graph's backward.
 TRITON_BACKWARD = "atomic"
+TRITON_BACKWARDS = ("atomic", "chunks")
 
 
 def _backward_triton(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap, chunk_size,
                      want_h, want_w, want_b, choice="atomic"):
-    """A Triton backward (choice: TRITON_BACKWARD's values): each tile of logits rebuilt from h and W,
-    dz formed in registers, dh / dW / dbias summed in float32. grad_nll is 0 on ignored rows."""
+    """A Triton backward (choice: one of TRITON_BACKWARDS): each tile of logits rebuilt from h and W,
+    dh / dW / dbias summed in float32. grad_nll is 0 on ignored rows."""
     g = torch.where(t1 == ignore_index, 0.0, grad_nll.float())  # (N,), contiguous even if grad is expanded
     if choice == "chunks":
         _linear_triton()  # the install hint when triton is missing
@@ -165,7 +169,7 @@ def _backward_triton(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap,
     elif choice == "atomic":
         backward = _linear_triton().linear_backward
     else:
-        raise ValueError(f"lmloss.ops.linear.TRITON_BACKWARD must be 'atomic' or 'chunks', got {choice!r}")
+        raise ValueError(f"lmloss.ops.linear.TRITON_BACKWARD must be one of {TRITON_BACKWARDS}, got {choice!r}")
     return backward(h2, weight, t1, bias, lse, g, softcap=softcap, want_h=want_h, want_w=want_w, want_b=want_b)
 
 
