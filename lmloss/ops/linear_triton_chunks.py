@@ -65,13 +65,11 @@ def default_chunk_config(h2) -> tuple[int, int, int, int, int]:
 
 
 def _product_f32(a, b):
-    """a @ b accumulated and returned in float32: on the tensor cores for CUDA bf16/fp16 (torch.mm's
-    out_dtype), else in float32 from float32 operands (the values of a and b, exactly)."""
+    """a @ b for bf16/fp16 a and b, accumulated and returned in float32: on the tensor cores on CUDA
+    (torch.mm's out_dtype), else from the operands' values upcast (the interpreter on the CPU)."""
     from lmloss.ops.linear import _has_mm_f32, _mm_f32
 
-    if a.dtype != torch.float32 and _has_mm_f32(a.device, a.dtype):
-        return _mm_f32(a, b)
-    return a.float() @ b.float()
+    return _mm_f32(a, b) if _has_mm_f32(a.device, a.dtype) else a.float() @ b.float()
 
 
 def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h=True, want_w=True,
@@ -103,9 +101,16 @@ def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WANT_B=want_b,
             PRECISION=precision, UPCAST=not h2.is_cuda,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        w_c = weight[c0:c0 + C]
+        if dz.dtype == torch.float32:  # float32 inputs: straight into dW's rows and into dh, no temporaries
+            if want_w:
+                torch.mm(dz_c.T, h2, out=dw[c0:c0 + C])
+            if want_h:
+                dh.addmm_(dz_c, w_c)
+            continue
         if want_w:  # 2. this chunk's rows of dW, rounded once
             dw[c0:c0 + C] = _product_f32(dz_c.T, h2)
         if want_h:  # 3. dh += dz @ W[c0:c1], float32
-            dh += _product_f32(dz_c, weight[c0:c0 + C])
+            dh += _product_f32(dz_c, w_c)
     cast = lambda acc, like: None if acc is None else acc.to(like.dtype)  # noqa: E731
     return cast(dh, h2), dw, cast(db, bias)
