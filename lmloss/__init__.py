@@ -12,7 +12,8 @@ from lmloss.ops.vocab_parallel import vocab_parallel_token_nll
 from lmloss.ops.stats import TokenStats, token_stats
 from lmloss.ops.linear_stats import linear_token_stats
 from lmloss.ops.kl import KLTokens, token_kl
-from lmloss.tokenizers import Tokenizer, encode_document, load_tokenizer, token_byte_lengths
+from lmloss.tokenizers import Tokenizer, load_tokenizer, token_byte_lengths
+from lmloss.encode import encode_document, encode_documents
 from lmloss.data import Document, iter_corpus, load_corpus
 from lmloss.windows import Window, plan_windows
 from lmloss.models import load_model
@@ -26,7 +27,7 @@ __all__ = [
     "linear_token_nll", "linear_cross_entropy", "vocab_parallel_token_nll",
     "TokenStats", "token_stats", "linear_token_stats", "KLTokens", "token_kl",
     "LossTotals", "LossMeter", "bits_per_byte", "perplexity",
-    "Tokenizer", "load_tokenizer", "token_byte_lengths", "encode_document",
+    "Tokenizer", "load_tokenizer", "token_byte_lengths", "encode_document", "encode_documents",
     "Document", "load_corpus", "iter_corpus",
     "Window", "plan_windows",
     "load_model", "EvalResult", "evaluate",

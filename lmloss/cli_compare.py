@@ -36,7 +36,8 @@ from lmloss import data
 from lmloss.data import FORMS, load_corpus
 from lmloss.models import DTYPES, resolve_device
 from lmloss.outputs import check_output_path, write_all
-from lmloss.tokenizers import encode_document, load_tokenizer
+from lmloss.encode import encode_document
+from lmloss.tokenizers import load_tokenizer
 
 DEFAULT_TOKENIZERS = "gpt2,cl100k_base,o200k_base"
 COLUMNS = (  # (key, header, format)

@@ -93,7 +93,8 @@ def results_json(args, result, ci: dict) -> dict:
                 runtime=dict(threads=torch.get_num_threads(), malloc=malloc.mode()),
                 totals=result.totals.to_dict(), metrics=result.metrics(),
                 confidence_intervals={k: list(v) for k, v in ci.items()},
-                elapsed_s=result.elapsed_s, tokens_per_s=result.tokens_per_s, notes=result.notes,
+                elapsed_s=result.elapsed_s, prepare_s=result.prepare_s, tokens_per_s=result.tokens_per_s,
+                notes=result.notes,
                 **({"chunks": chunk_numbers(result)} if chunk_numbers(result) else {}),
                 **({"token_stats": result.token_stats} if result.token_stats is not None else {}),
                 documents=[d.to_dict() for d in result.per_document])

@@ -112,7 +112,7 @@ def _token_count_reaching(tokenizer, text: str, need: int) -> int:
     >= need that may come from a prefix of the text only (16 * need characters, then 4x longer), so
     that a long text is not tokenized a second time just to learn that it fills a chunk. A prefix
     counts only with a margin of need // 4 + 16 tokens: a cut changes the tokens at the cut alone."""
-    from lmloss.tokenizers import encode_document
+    from lmloss.encode import encode_document
 
     chars = 16 * need
     while chars < len(text):

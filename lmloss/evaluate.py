@@ -85,6 +85,7 @@ class EvalResult:
     position_count: list[int] = field(default_factory=list)
     token_nll: dict[int, torch.Tensor] | None = None  # document index -> float32 NLL in target order
     elapsed_s: float = 0.0
+    prepare_s: float = 0.0  # of elapsed_s: tokenizing the documents and planning their windows (this process)
     notes: list[str] = field(default_factory=list)
     resumed_documents: int = 0  # restored from the checkpoint, not scored in this call
     window_nll_sq: list[float] = field(default_factory=list)  # per window, sum of squared token NLLs
@@ -382,14 +383,18 @@ def _score(model, tokenizer, documents, mine, done, config, start, *, batch_size
            progress, on_document) -> EvalResult:
     """Score documents[i] for i in mine (restoring those in done) and return this process's result."""
     mine_docs = [documents[i] for i in mine]
+    t0 = time.perf_counter()
     prep = prepare(tokenizer, mine_docs, vocab_size=model.vocab_size, plan=config["plan"],
                    max_length=config["max_length"], stride=config["stride"], prefix_id=config["prefix_id"],
                    every_window=config["every_window"], score_from=config["score_from"],
                    max_chunks=config["max_chunks"], bos_in_tokens=config["bos_in_tokens"], doc_ids=mine)
+    prepare_s = time.perf_counter() - t0
     config["n_windows"] = len(prep.windows)
-    return _run(model, mine_docs, prep, config, start, batch_size=batch_size, head_impl=head_impl,
-                keep_token_nll=keep_token_nll, progress=progress, on_document=on_document, doc_ids=mine,
-                done={k: done[i] for k, i in enumerate(mine) if i in done})
+    result = _run(model, mine_docs, prep, config, start, batch_size=batch_size, head_impl=head_impl,
+                  keep_token_nll=keep_token_nll, progress=progress, on_document=on_document, doc_ids=mine,
+                  done={k: done[i] for k, i in enumerate(mine) if i in done})
+    result.prepare_s = prepare_s
+    return result
 
 
 def _run(model, documents, prep: Prepared, config, start, *, batch_size, head_impl, keep_token_nll, progress,

@@ -15,6 +15,7 @@ goes. Which windows share a batch depends only on the windows and the batch size
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Sequence
 
@@ -117,15 +118,15 @@ def _tokenize(tokenizer, documents, doc_ids, vocab_size: int, bos_in_tokens: boo
     """Token ids of each document, BOS first when bos_in_tokens; ValueError for text that encodes to
     nothing or to ids past the model's embedding (either would give a number that is not the model's
     loss on the text)."""
-    from lmloss.tokenizers import Tokenizer, encode_document
+    from lmloss.encode import encode_documents
+    from lmloss.tokenizers import Tokenizer
 
+    # An lmloss Tokenizer encodes long texts in pieces (bounded memory, the same ids), the pieces of
+    # all documents in parallel threads.
+    encoded = (encode_documents(tokenizer, [d.text for d in documents]) if isinstance(tokenizer, Tokenizer)
+               else [tokenizer.encode(d.text) for d in documents])
     tokens = []
-    for k, d in zip(doc_ids, documents):
-        # An lmloss Tokenizer encodes long texts in pieces (bounded memory, the same ids).
-        if isinstance(tokenizer, Tokenizer):
-            ids = encode_document(tokenizer, d.text)
-        else:
-            ids = tokenizer.encode(d.text)
+    for k, d, ids in zip(doc_ids, documents, encoded):
         name = getattr(tokenizer, "name", type(tokenizer).__name__)
         if d.text and not len(ids):
             raise ValueError(f"tokenizer {name!r} encodes document {k} ({len(d.text)} characters, "
@@ -195,16 +196,29 @@ def _batch_order(windows: Sequence[Window], *, group_size: int) -> list[int]:
 
 def _batch_tensors(batch: list[Window], tokens: Sequence[Sequence[int]], device):
     """Right-padded inputs (B, T), the flat (batch, position) of every scored target, and the targets."""
+    import numpy as np
+
     width = max(w.n_inputs for w in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    rows, cols, targets = [], [], []
+    n_scored = sum(w.n_scored for w in batch)
+    ids = np.zeros((len(batch), width), dtype=np.int64)
+    rows, cols, targets = (np.empty(n_scored, dtype=np.int64) for _ in range(3))
+    k = 0
     for b, w in enumerate(batch):
-        doc = tokens[w.doc]
-        inputs = w.inputs(doc)
-        ids[b, :len(inputs)] = torch.tensor(inputs, dtype=torch.long)
+        doc = _as_numpy(tokens[w.doc])
+        head = w.prefix_id is not None
+        if head:
+            ids[b, 0] = w.prefix_id
+        ids[b, head:w.n_inputs] = doc[w.start:w.stop]
         first = w.n_inputs - w.n_scored
-        rows += [b] * w.n_scored
-        cols += range(first, w.n_inputs)
-        targets += doc[w.scored.start:w.scored.stop]
-    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return ids.to(device), as_long(rows), as_long(cols), as_long(targets)
+        rows[k:k + w.n_scored] = b
+        cols[k:k + w.n_scored] = np.arange(first, w.n_inputs)
+        targets[k:k + w.n_scored] = doc[w.scored.start:w.scored.stop]
+        k += w.n_scored
+    return tuple(torch.from_numpy(x).to(device) for x in (ids, rows, cols, targets))
+
+
+def _as_numpy(ids):
+    """A view of array('i') ids (no copy), else numpy's copy of the list."""
+    import numpy as np
+
+    return np.frombuffer(ids, dtype=np.int32) if isinstance(ids, array) and ids.itemsize == 4 else np.asarray(ids)

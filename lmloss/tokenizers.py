@@ -28,13 +28,12 @@ import functools
 import json
 import os
 import re
-from array import array
 from pathlib import Path
 
 import torch
 
 __all__ = ["Tokenizer", "TiktokenTokenizer", "HFTokenizer", "load_tokenizer", "token_byte_lengths",
-           "check_byte_lengths", "encode_document", "TIKTOKEN_NAMES"]
+           "check_byte_lengths", "TIKTOKEN_NAMES"]
 
 TIKTOKEN_NAMES = ("gpt2", "r50k_base", "p50k_base", "p50k_edit", "cl100k_base", "o200k_base",
                   "o200k_harmony")
@@ -74,6 +73,11 @@ class Tokenizer:
         split like any other text, never raises."""
         raise NotImplementedError
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """[self.encode(t) for t in texts], id for id; the tokenizers that can encode texts in parallel
+        threads (Hugging Face's Rust pool, tiktoken's) do so."""
+        return [self.encode(t) for t in texts]
+
     def decode(self, ids) -> str:
         raise NotImplementedError
 
@@ -98,6 +102,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts, num_threads=max(1, os.cpu_count() or 1))
 
     def decode(self, ids) -> str:
         return self._enc.decode([int(i) for i in ids])
@@ -230,6 +237,9 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -406,91 +416,3 @@ def check_byte_lengths(tokenizer, text: str, ids: list[int] | None = None) -> in
             f"the text has {n_bytes} ({zero} tokens count 0 bytes, e.g. <unk>). "
             f"{tok.byte_note or 'The tokenizer does not reproduce its input byte for byte.'}")
     return n_bytes
-
-
-# A candidate cut starts the right piece with " " + non-space after a non-space, or with a letter or
-# digit right after "\n" that follows a non-space. Python's \s holds all of Unicode White_Space (the
-# \s of tiktoken's and Hugging Face's regexes) and \x1c-\x1f besides, so \S here is never whitespace
-# there.
-_CANDIDATE_CUT = re.compile(r"(?<=\S)(?= \S)|(?<=\S\n)(?=[^\W_])")
-_CUT_CONTEXT_CHARS = 256  # text each side of a cut that verification encodes whole and in halves
-_CUT_TRIES = 8  # candidates verified before the piece is made longer by piece_chars
-
-
-def encode_document(tokenizer, text: str, *, piece_chars: int = 1 << 16) -> array:
-    r"""Same as array("i", tokenizer.encode(text)), id for id, computed in pieces of about
-    piece_chars characters cut at safe boundaries, so that memory stays the text, its ids (4 bytes
-    each) and one piece's worth of tokenizer state. `tokenizer`: a Tokenizer or anything
-    load_tokenizer accepts. A text of up to piece_chars characters is encoded in one call.
-
-    Why: one Hugging Face encode() holds offsets and strings for every token, 150-190 bytes per
-    character (a 20 MB line: 2.2 GB; pieces of 1 << 16: 29 MB, of 1 << 20: 150 MB), and both
-    backends return a Python list (~36 bytes per id).
-
-    The identity relied on: encode(x + y) == encode(x) + encode(y) when no pre-token spans the cut,
-    since BPE then merges within the same pre-tokens either way. Candidate cuts: a single " " between
-    two non-spaces (the space starts the right piece), and the point after a "\n" that lies between
-    a non-space and a letter or digit. The pre-tokenizer regexes of GPT-2 (also SmolLM2's byte-level
-    BPE: 's|'t|..| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+), cl100k_base / Llama-3
-    ('(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|..|\s*[\r\n]|\s+(?!\S)|\s) and o200k_base never
-    hold a non-space followed by a space (a space only starts a pre-token or sits in a whitespace
-    run), nor a "\n" followed by a letter or digit. Both neighbours must be non-spaces: in "\n\nA"
-    or "  A", \s+(?!\S) and \s*[\r\n]+ group the whitespace run differently where a piece ends it;
-    and o200k's " ?[^\s\p{L}\p{N}]+[\r\n/]*" makes ".\n/" one pre-token, hence no cut before "/".
-
-    Tokenizers without such a pre-tokenizer (SentencePiece BPE: Llama-2, Gemma) or that prepend a
-    dummy-prefix "▁" to every call break the identity, so each cut is verified on the tokenizer
-    itself: a window of ~256 characters each side (edges moved to candidate cuts) must give
-    encode(window) == encode(left) + encode(right), else the next candidate is tried; after 8
-    refusals the piece grows by piece_chars, up to the whole text in one call where no cut passes.
-    """
-    tok = load_tokenizer(tokenizer)
-    if not isinstance(text, str):
-        raise TypeError(f"encode_document expects text as str, got {type(text).__name__}; "
-                        "decode bytes first: text.decode('utf-8')")
-    if isinstance(piece_chars, bool) or not isinstance(piece_chars, int) or piece_chars < 1:
-        raise ValueError(f"piece_chars must be a positive int (characters per encode call), got "
-                         f"{piece_chars!r}; the default is {1 << 16}")
-    ids = array("i")
-    start = 0
-    while len(text) - start > piece_chars:
-        cut = _next_cut(tok, text, start, piece_chars)
-        if cut is None:
-            break
-        ids.extend(tok.encode(text[start:cut]))
-        start = cut
-    ids.extend(tok.encode(text[start:] if start else text))
-    return ids
-
-
-def _next_cut(tok: Tokenizer, text: str, start: int, piece_chars: int) -> int | None:
-    """The first candidate cut at or after start + piece_chars that _cut_is_exact accepts, trying
-    _CUT_TRIES candidates, then _CUT_TRIES more a further piece_chars on, ...; None: encode the rest."""
-    target = start + piece_chars
-    while target < len(text):
-        cut = target
-        for n_tried, match in enumerate(_CANDIDATE_CUT.finditer(text, target), start=1):
-            cut = match.start()
-            if _cut_is_exact(tok, text, start, cut):
-                return cut
-            if n_tried == _CUT_TRIES:
-                break
-        else:
-            return None  # no candidate left
-        target = max(target + piece_chars, cut + 1)
-    return None
-
-
-def _cut_is_exact(tok: Tokenizer, text: str, start: int, cut: int) -> bool:
-    """encode(text[lo:hi]) == encode(text[lo:cut]) + encode(text[cut:hi]) for a window lo < cut < hi
-    of about _CUT_CONTEXT_CHARS each side, lo >= start, both edges moved out to candidate cuts where
-    one lies within another _CUT_CONTEXT_CHARS (so that the window starts and ends as pieces do)."""
-    ctx = _CUT_CONTEXT_CHARS
-    lo = max(start, cut - ctx)
-    earlier = [m.start() for m in _CANDIDATE_CUT.finditer(text, max(start, lo - ctx), lo + 2)]
-    lo = max([c for c in earlier if c <= lo], default=lo)
-    hi = min(len(text), cut + ctx)
-    match = _CANDIDATE_CUT.search(text, hi, hi + ctx + 2)
-    hi = match.start() if match else hi
-    whole = list(tok.encode(text[lo:hi]))
-    return whole == list(tok.encode(text[lo:cut])) + list(tok.encode(text[cut:hi]))

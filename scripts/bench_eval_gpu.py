@@ -219,6 +219,7 @@ def run_lmloss(cfg: dict) -> dict:
         sync()
         sums = res.totals
         runs.append(dict(batch_size=res.config["batch_size"], elapsed_s=res.elapsed_s, warmup_s=warmup_s,
+                         prepare_s=res.prepare_s,
                          n_tokens=sums.n_tokens, n_inputs=sum(w.n_inputs for w in res.windows), n_bytes=sums.n_bytes,
                          n_words=sums.n_words, nll_nats=sums.nll_nats, metrics=res.metrics(),
                          loglikelihoods=[-d.totals.nll_nats for d in res.per_document],
@@ -316,6 +317,7 @@ def report(res: dict, flops_per_token: float) -> list[dict]:
           f"{theirs['metrics'].get('word_perplexity', math.nan):16.6f}  (exp(nll / {first['n_words']} words))")
     rows = [dict(tool="lmloss", dtype=dtype, batch_size=r["batch_size"], n_tokens=r["n_tokens"],
                  elapsed_s=r["elapsed_s"], tokens_per_s=r["n_tokens"] / r["elapsed_s"], warmup_s=r["warmup_s"],
+                 prepare_s=r.get("prepare_s"),
                  peak_mem_mib=r["peak_mem_mib"], model_tflops=flops_per_token * r["n_inputs"] / r["elapsed_s"] / 1e12)
             for r in ours["runs"]]
     lm_s = theirs["elapsed_s"]
@@ -326,8 +328,8 @@ def report(res: dict, flops_per_token: float) -> list[dict]:
     print(f"\n  {'tool':8s} {'batch':>8s} {'tokens':>8s} {'seconds':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} "
           f"{'peak MiB':>9s}  other")
     for r in rows:
-        other = (f"warm-up {r['warmup_s']:.2f} s" if "warmup_s" in r
-                 else f"its batch-size detection {r['detect_s']:.2f} s")
+        other = (f"warm-up {r['warmup_s']:.2f} s; of the seconds, tokenizing + planning {r['prepare_s']:.2f} s"
+                 if "warmup_s" in r else f"its batch-size detection {r['detect_s']:.2f} s")
         mem = f"{r['peak_mem_mib']:9.0f}" if r["peak_mem_mib"] is not None else f"{'-':>9s}"
         print(f"  {r['tool']:8s} {str(r['batch_size']):>8s} {r['n_tokens']:8d} {r['elapsed_s']:8.2f} "
               f"{r['tokens_per_s']:10.0f} {r['model_tflops']:8.2f} {mem}  {other}")

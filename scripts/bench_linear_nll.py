@@ -7,6 +7,7 @@
     python scripts/bench_linear_nll.py --device cuda --dtype bfloat16 --modes fwd+bwd \
         --methods lmloss "torch.compile(mm+F.ce)" cce liger     # GPU: the training step only
     python scripts/bench_linear_nll.py --device cuda --dtype bfloat16 --sweep-backward  # backward tiles
+    python scripts/bench_linear_nll.py --device cuda --dtype bfloat16 --sweep-backward chunks  # chunked one's
     python scripts/bench_linear_nll.py --out results_linear.jsonl
 
 CPU methods (forward, per-token NLL of logits = hidden @ weight.T):
@@ -15,8 +16,9 @@ CPU methods (forward, per-token NLL of logits = hidden @ weight.T):
     mm+F.ce      F.cross_entropy(hidden @ weight.T, targets, reduction="none")
 Every method is first checked against lmloss's float64 reference on the first rows.
 
-CUDA methods: "lmloss" (Triton forward, Triton backward with float32 atomics), "lmloss (chunks bwd)" (the
-same forward; backward by vocabulary chunks, lmloss/ops/linear_triton_chunks.py), the logits paths,
+CUDA methods: "lmloss" (Triton forward; the default Triton backward, by vocabulary chunks,
+lmloss/ops/linear_triton_chunks.py), "lmloss (atomic bwd)" (the same forward; the backward that sums dh
+and dW with float32 atomics, lmloss/ops/linear_triton.py), the logits paths,
 torch.compile of mm + F.cross_entropy, Cut Cross-Entropy and Liger-Kernel when importable.
 
 CPU memory method: each measurement runs in a fresh subprocess that builds the inputs, warms the
@@ -179,7 +181,7 @@ def cuda_methods(args):
     """name -> fn(hidden, weight, targets) -> summed loss (differentiable where the method is)."""
     methods = {
         "lmloss": lambda h, w, t: lmloss.linear_cross_entropy(h, w, t, reduction="sum"),
-        "lmloss (chunks bwd)": _with_backward("chunks"),
+        "lmloss (atomic bwd)": _with_backward("atomic"),
         "mm+lmloss.token_nll": lambda h, w, t: lmloss.cross_entropy(h @ w.T, t, reduction="sum"),
         "mm+F.ce": lambda h, w, t: F.cross_entropy((h @ w.T).float(), t, reduction="sum"),
     }
@@ -310,12 +312,21 @@ BACKWARD_CONFIGS = [(128, 128, 64, 8, 2), (128, 128, 64, 8, 3), (128, 128, 32, 8
                     (128, 64, 64, 4, 3), (64, 256, 64, 8, 2), (64, 64, 64, 4, 3)]
 
 
+# The chunked backward's dz-kernel tiles timed by --sweep-backward chunks (same tuple), and its chunk widths
+# as fractions of the vocabulary (each chunk's dz, N x chunk in the inputs' dtype, is the extra memory).
+CHUNK_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3),
+                 (256, 128, 64, 8, 3), (64, 128, 64, 4, 3)]
+CHUNK_DIVISORS = [64, 128]
+
+
 def sweep_backward(args, emit):
-    """Time lmloss's Triton backward alone for each tile configuration and L2 group size (rows), each
-    first checked against the default configuration's gradients."""
+    """Time one of lmloss's Triton backwards alone for each tile configuration and L2 group size (rows,
+    "atomic") or chunk width ("chunks"), each first checked against the default configuration's
+    gradients."""
     from triton.testing import do_bench
 
     import lmloss.ops.linear_triton as lt
+    import lmloss.ops.linear_triton_chunks as ltc
 
     dtype = getattr(torch, args.dtype)
     for V in args.vocab:
@@ -323,16 +334,21 @@ def sweep_backward(args, emit):
         lse, _ = lt.linear_lse_target(hidden, weight, targets)
         g = torch.ones(args.N, device=hidden.device)
         ref_dh, ref_dw, _ = lt.linear_backward(hidden, weight, targets, None, lse, g)
-        default = lt.default_backward_config(hidden, lt.default_precision(hidden))
-        groups = [None, args.N, 2048]
-        runs = [(c, None) for c in [default] + [c for c in BACKWARD_CONFIGS if c != default]]
-        runs += [(default, r) for r in groups[1:]]
+        if args.sweep_backward == "chunks":
+            default = ltc.default_chunk_config(hidden)
+            runs = [(c, None) for c in [default] + [c for c in CHUNK_CONFIGS if c != default]]
+            runs += [(default, max(256, V // k // 256 * 256)) for k in CHUNK_DIVISORS]
+            op, fn, knob = "linear_backward_chunks", ltc.linear_backward_chunks, "chunk_cols"
+        else:
+            default = lt.default_backward_config(hidden, lt.default_precision(hidden))
+            runs = [(c, None) for c in [default] + [c for c in BACKWARD_CONFIGS if c != default]]
+            runs += [(default, r) for r in (args.N, 2048)]
+            op, fn, knob = "linear_backward", lt.linear_backward, "group_rows"
         base_ms = None
-        for config, group_rows in runs:
-            run = lambda: lt.linear_backward(hidden, weight, targets, None, lse, g,  # noqa: E731
-                                             config=config, group_rows=group_rows)
-            row = dict(op="linear_backward", dtype=args.dtype, N=args.N, d=args.d, V=V, config=list(config),
-                       group_rows=group_rows)
+        for config, value in runs:
+            run = lambda: fn(hidden, weight, targets, None, lse, g, config=config,  # noqa: E731
+                             **{knob: value})
+            row = dict(op=op, dtype=args.dtype, N=args.N, d=args.d, V=V, config=list(config), **{knob: value})
             try:
                 dh, dw, _ = run()
                 err = max(_rel_err(dh, ref_dh.float()), _rel_err(dw, ref_dw.float()))
@@ -361,8 +377,8 @@ def main():
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"],
                    help="CUDA: what to time")
     p.add_argument("--methods", nargs="+", help="CUDA: only these methods (names as printed; default all)")
-    p.add_argument("--sweep-backward", action="store_true",
-                   help="CUDA: time the Triton backward's tile configurations instead")
+    p.add_argument("--sweep-backward", nargs="?", const="atomic", choices=["atomic", "chunks"],
+                   help="CUDA: time a Triton backward's tile configurations instead (default: the atomic one)")
     p.add_argument("--out", help="append one JSON row per measurement to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-vocab", type=int, help=argparse.SUPPRESS)

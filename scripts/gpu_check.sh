@@ -50,7 +50,7 @@ section env 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,
 TAIL_LINES=30 section linear_tests 160 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_linear.py \
     tests/test_cuda.py -k linear
 TAIL_LINES=30 section linear_bf16 150 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 --modes fwd+bwd \
-    --methods lmloss "lmloss (chunks bwd)" "torch.compile(mm+F.ce)" cce liger ${GPU_CHECK_NO_COMPILE:+--no-compile}
+    --methods lmloss "lmloss (atomic bwd)" "torch.compile(mm+F.ce)" cce liger ${GPU_CHECK_NO_COMPILE:+--no-compile}
 TAIL_LINES=20 section kl_stats_tests 90 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_kl.py \
     tests/test_token_stats.py
 TAIL_LINES=20 section linear_bwd_tiles 60 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 \
@@ -60,6 +60,9 @@ TAIL_LINES=20 section linear_bwd_tiles 60 python3 scripts/bench_linear_nll.py --
 # .whl/ (scripts/bench_eval_gpu.py's docstring says how). About 2-3 minutes on an H100 (estimated).
 TAIL_LINES=45 section eval_e2e 300 python3 scripts/bench_eval_gpu.py --batch-sizes default,64 \
     --json "$OUT/eval_e2e.json"
+# The chunked backward's dz-kernel tiles and chunk widths (lmloss/ops/linear_triton_chunks.py's defaults come from here).
+TAIL_LINES=20 section linear_chunk_tiles 75 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 \
+    --sweep-backward chunks
 TAIL_LINES=40 section tests 150 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_cuda.py \
     tests/test_ops.py -k "not linear"
 TAIL_LINES=40 section tests_triton_ops 90 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_ops.py \

@@ -96,13 +96,13 @@ def test_the_chunk_check_reads_only_a_prefix_of_a_long_text_and_suggests_joining
         tiny_model, assets, tmp_path, capsys, loads, monkeypatch):
     import json
 
-    import lmloss.tokenizers
+    import lmloss.encode
 
     long = tmp_path / "long.txt"
     long.write_text(_text(20_000))
     encoded = []
-    real = lmloss.tokenizers.encode_document
-    monkeypatch.setattr(lmloss.tokenizers, "encode_document",
+    real = lmloss.encode.encode_document
+    monkeypatch.setattr(lmloss.encode, "encode_document",
                         lambda tok, text, **k: encoded.append(len(text)) or real(tok, text, **k))
     assert _eval(tiny_model, assets, "--preset", "llama.cpp", "--max-length", "64", "--dataset", str(long)) == 1
     assert len(loads) == 1 and encoded == [16 * 64]  # 1024 characters told it, not 40,000

@@ -379,7 +379,7 @@ _TRITON_BACKWARD_SCRIPT = textwrap.dedent("""
         leaves = [x.clone().requires_grad_() for x in (hidden, weight, b)]
         lmloss.linear_cross_entropy(*leaves[:2], targets, bias=leaves[2], impl="triton").backward()
         grads[choice] = [x.grad for x in leaves]
-    lin.TRITON_BACKWARD = "atomic"
+    lin.TRITON_BACKWARD = "chunks"
     for x, y in zip(grads["atomic"], grads["chunks"]):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
     only_h = ltc.linear_backward_chunks(hidden, weight, targets, b, lse := lt.linear_lse_target(hidden, weight, targets, b)[0],
@@ -510,14 +510,17 @@ def test_triton_backward_on_cuda_at_scale(V, backward, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backward", ["atomic", "chunks"])
+@pytest.mark.parametrize("backward", ["atomic", "chunks", "chunks, dh product then sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_backward_on_cuda_bias_softcap_random_grad(dtype, backward, monkeypatch):
     """d=768 (twelve BLOCK_K steps), bias, softcap 30, reduction="none" with a random upstream grad,
-    against float64 autograd on the GPU; both Triton backwards."""
-    from lmloss.ops import linear as lin
+    against float64 autograd on the GPU; both Triton backwards, the chunked one also with dh summed
+    from separate products (where torch cannot add a bf16 product into float32 in place)."""
+    from lmloss.ops import linear as lin, linear_triton_chunks as ltc
 
-    monkeypatch.setattr(lin, "TRITON_BACKWARD", backward)
+    if backward.startswith("chunks,"):
+        monkeypatch.setattr(ltc, "_has_addmm_f32", lambda device, dtype: False)
+    monkeypatch.setattr(lin, "TRITON_BACKWARD", backward.split(",")[0])
     hidden, weight, b, targets = make(1000, 768, 50257, dtype=dtype, bias=True, n_ignored=9, scale=10.0)
     upstream = torch.rand(1000, dtype=torch.float64, device="cuda")
     leaves64 = [x.cuda().double().requires_grad_() for x in (hidden, weight, b)]

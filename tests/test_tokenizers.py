@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import lmloss.tokenizers
-from lmloss.tokenizers import (HFTokenizer, Tokenizer, check_byte_lengths, encode_document,
-                               load_tokenizer, token_byte_lengths)
+import lmloss.encode
+from lmloss.encode import encode_document, encode_documents
+from lmloss.tokenizers import HFTokenizer, Tokenizer, check_byte_lengths, load_tokenizer, token_byte_lengths
 
 TIKTOKEN = ["gpt2", "cl100k_base", "o200k_base"]
 SMOLLM2 = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -352,13 +352,13 @@ def test_encode_document_equals_encode_hf(spec, which, assets, request):
 def test_encode_document_equals_encode_adversarial(spec, name, request, monkeypatch):
     """Also: the run-time check never has to refuse a candidate cut of these regex pre-tokenizers."""
     tok = request.getfixturevalue("hf_gpt2") if spec == "hf-gpt2" else load_tokenizer(spec)
-    verdicts, check = [], lmloss.tokenizers._cut_is_exact
+    verdicts, check = [], lmloss.encode._cut_is_exact
 
     def recorded_check(*args):
         verdicts.append(check(*args))
         return verdicts[-1]
 
-    monkeypatch.setattr(lmloss.tokenizers, "_cut_is_exact", recorded_check)
+    monkeypatch.setattr(lmloss.encode, "_cut_is_exact", recorded_check)
     text = _adversarial_texts()[name]
     expected = tok.encode(text)
     for piece_chars in (50, 700):
@@ -421,7 +421,8 @@ def test_encode_document_short_text_and_arguments():
 
 _MEMORY_SCRIPT = r"""
 import json, random, sys
-from lmloss.tokenizers import encode_document, load_tokenizer
+from lmloss.encode import encode_document
+from lmloss.tokenizers import load_tokenizer
 
 def status_bytes(key):  # VmRSS: resident now; VmHWM: its peak since exec or the last reset
     with open("/proc/self/status") as f:
@@ -464,3 +465,62 @@ def test_encode_document_memory_is_a_small_multiple_of_the_text(assets):
     new = _peak_increase("document", 20_000_000, spec)
     assert new["text_bytes"] == 20_000_000 and new["n_tokens"] > 2_000_000
     assert new["increase_bytes"] < 4 * new["text_bytes"], str(new)
+
+
+# -- encode_documents: a corpus's pieces encoded in parallel batches ----------------------------------
+
+class _BatchRecording(_Recording):
+    """_Recording that also records the number of texts of each encode_batch call (the real tokenizer's
+    parallel encode_batch does the work)."""
+
+    def __init__(self, tok):
+        super().__init__(tok)
+        self.batches = []
+
+    def encode_batch(self, texts):
+        self.batches.append([len(t) for t in texts])
+        return self.tok.encode_batch(texts)
+
+
+@pytest.mark.parametrize("spec", ["gpt2", "o200k_base", "hf-gpt2"])
+def test_encode_batch_equals_encode(spec, request, assets):
+    tok = request.getfixturevalue("hf_gpt2") if spec == "hf-gpt2" else load_tokenizer(spec)
+    texts = [*TRICKY, *list(_adversarial_texts().values())[:2], _corpus(assets, "wikitext")[:20_000]]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert tok.encode_batch([]) == []
+
+
+@pytest.mark.parametrize("spec", ["gpt2", "hf-gpt2"])
+def test_encode_documents_equals_encode_per_document(spec, request, assets):
+    """Pages of WikiText (some cut into pieces, empty ones among them) give each page's own ids, in
+    order, whatever the batch size; the pieces go to encode_batch in batches of about batch_chars."""
+    tok = _BatchRecording(request.getfixturevalue("hf_gpt2") if spec == "hf-gpt2" else load_tokenizer(spec))
+    pages = _corpus(assets, "wikitext").split("\n = ")[:40]
+    texts = ["", *pages[:20], "", *pages[20:], ""]
+    expected = [tok.tok.encode(t) for t in texts]
+    for batch_chars in (None, 5000, 1):
+        tok.batches.clear()
+        got = encode_documents(tok, texts, piece_chars=3000, batch_chars=batch_chars)
+        assert all(isinstance(ids, array) and ids.typecode == "i" for ids in got)
+        assert [ids.tolist() for ids in got] == expected, batch_chars
+        pieces = [n for b in tok.batches for n in b]
+        assert sum(pieces) == sum(map(len, texts)) and max(pieces) <= 3100  # cut pieces, all covered
+        if batch_chars is None:
+            assert len(tok.batches) <= -(-sum(pieces) // (4 * 3000)) + 1  # 4+ pieces' worth per call
+        elif batch_chars == 5000:
+            assert all(sum(b) - b[-1] < 5000 for b in tok.batches) and len(tok.batches) > 10
+        else:
+            assert all(sum(n > 0 for n in b) <= 1 for b in tok.batches)  # each piece fills a batch (empty pages join one)
+    assert encode_documents(tok, []) == []
+
+
+def test_encode_documents_arguments():
+    with pytest.raises(TypeError, match="sequence of texts.*encode_document"):
+        encode_documents("gpt2", "one text")
+    with pytest.raises(TypeError, match="index 1.*decode"):
+        encode_documents("gpt2", ["a", b"bytes"])
+    with pytest.raises(ValueError, match="piece_chars"):
+        encode_documents("gpt2", ["a"], piece_chars=0)
+    with pytest.raises(ValueError, match="batch_chars"):
+        encode_documents("gpt2", ["a"], batch_chars=0)
+    assert [ids.tolist() for ids in encode_documents("gpt2", ["hello world", ""])] == [[31373, 995], []]
