@@ -274,8 +274,10 @@ def _lm_eval_task(workdir: Path, data_file: Path) -> Path:
 def run_dtype(args, dtype: str, folder: Path, context: int, workdir: Path) -> dict:
     """Both tools in `dtype`, lmloss first, each in its own process: their results and the parity."""
     data_file = Path(args.data_dir).resolve() / "wikitext-2-raw-v1" / "test.document_level.jsonl"
+    # Hugging Face tokenizers' thread pool left as a user has it (on unless TOKENIZERS_PARALLELISM says
+    # otherwise) for both: lmloss encodes the pages in parallel (encode_documents), lm-eval one by one.
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_CACHE=str(workdir / "hf_datasets"), TOKENIZERS_PARALLELISM="false")
+               HF_DATASETS_CACHE=str(workdir / "hf_datasets"))
     cfg = dict(folder=str(folder), device=args.device, dtype=dtype, data_dir=str(Path(args.data_dir).resolve()),
                pages=args.pages, max_length=context, batch_sizes=args.batch_sizes)
     ours = _run_worker([sys.executable, __file__, "--worker", json.dumps(cfg)], env=env, cwd=None,
