@@ -17,7 +17,8 @@ from lmloss.encode import encode_document, encode_documents
 from lmloss.data import Document, iter_corpus, load_corpus
 from lmloss.windows import Window, plan_windows
 from lmloss.models import load_model
-from lmloss.evaluate import EvalResult, evaluate
+from lmloss.evaluate import evaluate
+from lmloss.results import EvalResult
 from lmloss.compare import compare, kl_divergence, paired_bootstrap
 
 __version__ = "0.1.0"

@@ -25,7 +25,8 @@ import lmloss
 from lmloss.cli_options import add_window_options, apply_preset, check_fills_a_chunk, corpus_specs, window_options
 from lmloss.compare import compare, kl_divergence, paired_bootstrap, tokenizer_difference
 from lmloss.data import check_corpus_options, takes_field, takes_subset
-from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, resolve_window
+from lmloss.evaluate import check_tokenizer_fits, resolve_window
+from lmloss.results import bootstrap_ci
 from lmloss.models import DTYPES, peek_config, resolve_device
 from lmloss.outputs import check_output_path, write_all
 from lmloss.prepare import check_counts_scored_bytes

@@ -29,7 +29,8 @@ from lmloss.cli_options import (add_window_options, apply_preset, check_fills_a_
                                 window_options)
 from lmloss.data import check_corpus_options, takes_field, takes_subset
 from lmloss.distributed import init_from_env
-from lmloss.evaluate import bootstrap_ci, check_tokenizer_fits, resolve_window
+from lmloss.evaluate import check_tokenizer_fits, resolve_window
+from lmloss.results import bootstrap_ci
 from lmloss.models import peek_config, resolve_device
 from lmloss.outputs import check_output_path, write_all
 from lmloss.prepare import check_counts_scored_bytes

@@ -166,7 +166,7 @@ def report(args, result, ci: dict) -> None:
 def pooled_json(results) -> dict:
     """All corpora as one: the sums added, the metrics of the sums (never a mean of per-corpus
     perplexities)."""
-    from lmloss.evaluate import merge_token_stats
+    from lmloss.results import merge_token_stats
 
     totals = sum((r.totals for r in results), lmloss.LossTotals())
     out = dict(totals=totals.to_dict(), metrics=totals.metrics())

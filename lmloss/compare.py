@@ -30,7 +30,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lmloss.evaluate import DocumentResult, EvalResult, check_tokenizer_fits, default_batch_size, resolve_window
+from lmloss.evaluate import check_tokenizer_fits, default_batch_size, resolve_window
+from lmloss.results import DocumentResult, EvalResult
 from lmloss.metrics import LossTotals
 from lmloss.prepare import batches, check_inputs, prepare
 
@@ -135,7 +136,7 @@ def paired_bootstrap(per_model_docs: Sequence[Sequence], n_resamples: int = 1000
 
     per_model_docs[m][k]: model m's sums on document k (DocumentResult, LossTotals or a JSON row).
     One draw idx = default_rng(seed).integers(0, D, (n_resamples, D)) serves every model (the draw
-    of lmloss.evaluate.bootstrap_ci, so a model's interval equals its bits_per_byte interval there):
+    of lmloss.results.bootstrap_ci, so a model's interval equals its bits_per_byte interval there):
         bpb[m, r] = nll[m, idx[r]].sum() / (ln 2 * n_bytes[m, idx[r]].sum())
         delta ci  = quantiles (1 - level) / 2 and (1 + level) / 2 of bpb[b, :] - bpb[a, :]
     A resample holding only documents without bytes (for some model) is left out.
@@ -260,7 +261,7 @@ class KLResult:
 
     def bootstrap_ci(self, *, n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple | None:
         """Percentile bootstrap of the mean KL over documents: sum kl_nats / sum n_positions of
-        documents drawn with replacement (the draw of lmloss.evaluate.bootstrap_ci); None with < 2."""
+        documents drawn with replacement (the draw of lmloss.results.bootstrap_ci); None with < 2."""
         if len(self.per_document) < 2 or n_resamples < 1:
             return None
         kl = np.array([d.kl_nats for d in self.per_document], dtype=np.float64)

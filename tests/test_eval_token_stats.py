@@ -7,7 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import lmloss
 from lmloss.data import Document
-from lmloss.evaluate import RANK_BUCKETS
+from lmloss.results import RANK_BUCKETS
 
 VOCAB, BOS, EOS = 258, 256, 257
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmloss.data import Document
-from lmloss.evaluate import DocumentResult, bootstrap_ci, evaluate
+from lmloss.evaluate import evaluate
+from lmloss.results import DocumentResult, bootstrap_ci
 from lmloss.metrics import LossTotals
 from lmloss.models import load_model
 
