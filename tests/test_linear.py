@@ -183,8 +183,10 @@ def test_tensor_core_backward_path_emulated_on_cpu(monkeypatch, softcap):
     """The CUDA bf16 backward (products on the tensor cores, float32 output, dz rounded to bf16 as
     the operand), run here with a CPU stand-in for torch.mm(..., out_dtype=float32); chunk_size
     and the tile budget force several row and vocabulary blocks."""
-    monkeypatch.setattr(linear_mod, "_has_mm_f32", lambda device, dtype: dtype == torch.bfloat16)
-    monkeypatch.setattr(linear_mod, "_mm_f32", lambda a, b: a.float() @ b.float())
+    from lmloss.ops import _mm
+
+    monkeypatch.setattr(_mm, "has_mm_f32", lambda device, dtype: dtype == torch.bfloat16)
+    monkeypatch.setattr(_mm, "mm_f32", lambda a, b: a.float() @ b.float())
     monkeypatch.setattr(linear_mod, "_TILE_ELEMS", 2000 * 10)
     hidden, weight, b, targets = make(33, 64, 8191, dtype=torch.bfloat16, bias=True, n_ignored=5)
     ins = [x.clone().requires_grad_() for x in (hidden, weight, b)]
@@ -198,6 +200,32 @@ def test_tensor_core_backward_path_emulated_on_cpu(monkeypatch, softcap):
         err = (mine.grad.double() - ref.grad).abs().max()
         err_torch = (plain.grad.double() - ref.grad).abs().max()
         assert err <= err_torch + 1e-5 * ref.grad.abs().max(), (err, err_torch)
+
+
+def test_add_product_takes_the_in_place_product_where_torch_has_it(monkeypatch):
+    """_mm.add_product_: acc += a @ b in float32 for bf16 operands, by one in-place GEMM where the
+    check says torch can (here a CPU stand-in for CUDA's addmm with out_dtype), else by a float32
+    product and a sum; same-dtype operands by addmm_. Each against float64."""
+    from lmloss.ops import _mm
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 7, generator=g).bfloat16(), torch.randn(7, 3, generator=g).bfloat16()
+    ref = 0.5 + a.double() @ b.double()
+    assert not _mm.has_addmm_f32(a.device, a.dtype) and not _mm.has_mm_f32(a.device, a.dtype)
+    acc = torch.full((5, 3), 0.5)
+    _mm.add_product_(acc, a, b)  # the CPU has neither CUDA product: upcast, then a sum
+    torch.testing.assert_close(acc.double(), ref, rtol=1e-6, atol=1e-6)
+    used = []
+    monkeypatch.setattr(_mm, "has_addmm_f32", lambda device, dtype: True)
+    monkeypatch.setattr(_mm, "addmm_f32_", lambda acc, a, b: used.append(acc) or acc.addmm_(a.float(), b.float()))
+    acc = torch.full((5, 3), 0.5)
+    _mm.add_product_(acc, a, b)
+    assert len(used) == 1 and used[0] is acc
+    torch.testing.assert_close(acc.double(), ref, rtol=1e-6, atol=1e-6)
+    acc64 = torch.full((5, 3), 0.5, dtype=torch.float64)
+    _mm.add_product_(acc64, a.double(), b.double())  # same dtype: addmm_, not the bf16 paths
+    assert len(used) == 1
+    torch.testing.assert_close(acc64, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_only_hidden_needs_grad():
@@ -516,10 +544,10 @@ def test_triton_backward_on_cuda_bias_softcap_random_grad(dtype, backward, monke
     """d=768 (twelve BLOCK_K steps), bias, softcap 30, reduction="none" with a random upstream grad,
     against float64 autograd on the GPU; both Triton backwards, the chunked one also with dh summed
     from separate products (where torch cannot add a bf16 product into float32 in place)."""
-    from lmloss.ops import linear as lin, linear_triton_chunks as ltc
+    from lmloss.ops import _mm, linear as lin
 
     if backward.startswith("chunks,"):
-        monkeypatch.setattr(ltc, "_has_addmm_f32", lambda device, dtype: False)
+        monkeypatch.setattr(_mm, "has_addmm_f32", lambda device, dtype: False)
     monkeypatch.setattr(lin, "TRITON_BACKWARD", backward.split(",")[0])
     hidden, weight, b, targets = make(1000, 768, 50257, dtype=dtype, bias=True, n_ignored=9, scale=10.0)
     upstream = torch.rand(1000, dtype=torch.float64, device="cuda")

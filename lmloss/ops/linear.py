@@ -11,10 +11,10 @@ The identities everything here relies on, per row n, over vocabulary blocks b:
     nll = lse - z[target]                        # z[target] picked from the tile that holds it
     dz = (softmax(z) - onehot(target)) * grad    # backward, recomputed tile by tile from lse
 """
-import functools
 
 import torch
 
+from lmloss.ops import _mm
 from lmloss.ops._checks import check_reduction, choose_impl, compute_dtype, reduce_nll
 from lmloss.ops._threads import parallel_rows
 
@@ -195,9 +195,9 @@ def _logits_tile(buf, h, w_block, b_block, softcap, shift=None):
     """z - shift[:, None], z = h @ w_block.T (+ b_block) (softcapped), as (rows, cols) float32 (or
     float64). With a staging buffer, z is written into it, and without bias or softcap the shift
     rides in the matmul (addmm, no extra pass). buf=None: h and w_block are bf16/fp16 on CUDA and
-    the product comes from the tensor cores with float32 output (_mm_f32), in a fresh tensor."""
+    the product comes from the tensor cores with float32 output (_mm.mm_f32), in a fresh tensor."""
     if buf is None:
-        tile = _mm_f32(h, w_block.T)
+        tile = _mm.mm_f32(h, w_block.T)
         if b_block is not None:
             tile += b_block
     else:
@@ -286,33 +286,6 @@ def _fold_block(h, w_block, b_block, softcap, buf, t, c0, L, target_logit, *, fi
     L.copy_(L_new)
 
 
-def _mm_f32(a, b):
-    """a @ b for bf16/fp16 a and b on CUDA, as the tensor cores compute it: accumulated and
-    returned in float32 (torch.mm's out_dtype)."""
-    return torch.mm(a, b, out_dtype=torch.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def _has_mm_f32(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether _mm_f32 runs for these operands (CUDA, bf16/fp16, a torch with mm's out_dtype);
-    asked once per device and dtype."""
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        return False
-    try:
-        _mm_f32(torch.ones(1, 1, dtype=dtype, device=device), torch.ones(1, 1, dtype=dtype, device=device))
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
-def _addmm_f32(acc, a, b):
-    """acc += a @ b, acc float32 (or float64); a and b in acc's dtype, or bf16/fp16 via _mm_f32."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    else:
-        acc += _mm_f32(a, b)
-
-
 def _backward_chunked(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap, chunk_size,
                       want_h, want_w, want_b):
     """dz = (exp(z - lse) - onehot(target)) * grad_nll (times 1 - tanh^2 under softcap), tile by
@@ -322,7 +295,7 @@ def _backward_chunked(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap
     N, V = h2.shape[0], weight.shape[0]
     dt = compute_dtype(h2.dtype)
     rows, cols = _blocks(N, V, chunk_size)
-    lowp = _has_mm_f32(h2.device, h2.dtype)  # operands stay bf16/fp16
+    lowp = _mm.has_mm_f32(h2.device, h2.dtype)  # operands stay bf16/fp16
     g = torch.where(t1 == ignore_index, 0.0, grad_nll.to(dt))  # (N,)
     dh = torch.zeros(N, h2.shape[1], dtype=dt, device=h2.device) if want_h else None
     dw = torch.zeros(V, h2.shape[1], dtype=dt, device=h2.device) if want_w else None
@@ -350,8 +323,8 @@ def _backward_chunked(h2, weight, bias, t1, lse, grad_nll, ignore_index, softcap
                 db[c0:c0 + cols] += dz.sum(dim=0)
             dz_op = dz.to(op_dtype)  # the products' operand: dz itself, or rounded to bf16/fp16
             if want_h:
-                _addmm_f32(dh[r0:r0 + rows], dz_op, w_block)
+                _mm.add_product_(dh[r0:r0 + rows], dz_op, w_block)
             if want_w:
-                _addmm_f32(dw[c0:c0 + cols], dz_op.T, h)
+                _mm.add_product_(dw[c0:c0 + cols], dz_op.T, h)
     cast = lambda x, like: None if x is None else x.to(like.dtype)
     return cast(dh, h2), cast(dw, weight), (cast(db, bias) if bias is not None else None)

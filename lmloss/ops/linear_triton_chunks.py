@@ -10,7 +10,7 @@ For each chunk of `cols` vocabulary entries [c0, c0 + cols), all N rows at once:
     2. dW[c0:c1] = dz.T @ h                         owned by this chunk: written once, no accumulation
     3. dh += dz @ W[c0:c1]                          float32 accumulator, N x d, added to in place by
                                                     the product itself (cuBLAS beta = 1) where torch
-                                                    can (_has_addmm_f32); else a product, then a sum
+                                                    can (lmloss/ops/_mm.py); else a product, then a sum
 Products on the tensor cores with float32 output (torch.mm's out_dtype) for bf16/fp16, dz entering
 them rounded to the inputs' dtype as torch's own backward rounds it; float32 inputs run float32 products.
 Cost: the 3 products of N x V x d (the tile rebuild, dW, dh), one write and two reads of the dz chunk in
@@ -20,12 +20,11 @@ Memory beyond the gradients: the dz buffer, N x cols in the inputs' dtype: cols 
 to the tile width, so about 3% of the logits; plus the N x d float32 accumulator of dh.
 Deterministic: no atomics except dbias's (bias only). Tested on the CPU with TRITON_INTERPRET=1.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from lmloss.ops import _mm
 from lmloss.ops.linear_triton import _dz_tile, backward_inputs, default_precision
 
 _CHUNKS = 32  # the dz buffer holds about V / _CHUNKS columns: ~3% of the logits
@@ -69,35 +68,6 @@ def default_chunk_config(h2) -> tuple[int, int, int, int, int]:
     return 64, 64, 32, 4, 2
 
 
-def _product_f32(a, b):
-    """a @ b for bf16/fp16 a and b, accumulated and returned in float32: on the tensor cores on CUDA
-    (torch.mm's out_dtype), else from the operands' values upcast (the interpreter on the CPU)."""
-    from lmloss.ops.linear import _has_mm_f32, _mm_f32
-
-    return _mm_f32(a, b) if _has_mm_f32(a.device, a.dtype) else a.float() @ b.float()
-
-
-def _addmm_f32_(acc, a, b) -> None:
-    """acc += a @ b in place, acc float32, a and b bf16/fp16 on CUDA: one GEMM that reads acc as its
-    C operand (torch.addmm's out_dtype, out=acc), no float32 temporary."""
-    torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-
-
-@functools.lru_cache(maxsize=None)
-def _has_addmm_f32(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether _addmm_f32_ works here, checked on values once per device and dtype: torch versions
-    that have mm's out_dtype but refuse a float32 self in addmm (or would not add in place) say no."""
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        return False
-    try:
-        acc = torch.full((2, 1), 0.5, device=device)
-        _addmm_f32_(acc, torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype, device=device),
-                    torch.tensor([[3.0], [4.0]], dtype=dtype, device=device))
-        return acc.flatten().tolist() == [11.5, 25.5]
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-
-
 def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h=True, want_w=True,
                            want_b=False, chunk_cols=None, config=None, precision=None):
     """-> (dh, dW, dbias): the same contract and result as linear_triton.linear_backward (gradients of
@@ -113,7 +83,6 @@ def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h
         chunk_cols = max(block_n, V // _CHUNKS // block_n * block_n)
     chunk_cols = min(chunk_cols, V)
     dz = torch.empty(N, chunk_cols, dtype=h2.dtype, device=h2.device)  # (N, cols), reused
-    in_place = want_h and _has_addmm_f32(h2.device, h2.dtype)
     dh = torch.zeros(N, D, dtype=torch.float32, device=h2.device) if want_h else None
     dw = torch.empty(V, D, dtype=weight.dtype, device=h2.device) if want_w else None
     db = torch.zeros(V, dtype=torch.float32, device=h2.device) if want_b else None
@@ -136,10 +105,8 @@ def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h
                 dh.addmm_(dz_c, w_c)
             continue
         if want_w:  # 2. this chunk's rows of dW, rounded once
-            dw[c0:c0 + C] = _product_f32(dz_c.T, h2)
-        if in_place:  # 3. dh += dz @ W[c0:c1], float32
-            _addmm_f32_(dh, dz_c, w_c)
-        elif want_h:
-            dh += _product_f32(dz_c, w_c)
+            dw[c0:c0 + C] = _mm.product_f32(dz_c.T, h2)
+        if want_h:  # 3. dh += dz @ W[c0:c1], float32, in place where torch can
+            _mm.add_product_(dh, dz_c, w_c)
     cast = lambda acc, like: None if acc is None else acc.to(like.dtype)  # noqa: E731
     return cast(dh, h2), dw, cast(db, bias)
