@@ -54,7 +54,10 @@ def encode_document(tokenizer, text: str, *, piece_chars: int = 1 << 16) -> arra
     refusals the piece grows by piece_chars, up to the whole text in one call where no cut passes.
     """
     tok = load_tokenizer(tokenizer)
-    _check_arguments(text, piece_chars)
+    if not isinstance(text, str):
+        raise TypeError(f"encode_document expects text as str, got {type(text).__name__}; "
+                        "decode bytes first: text.decode('utf-8')")
+    _check_piece_chars(piece_chars)
     ids = array("i")
     for start, stop in _pieces(tok, text, piece_chars):
         ids.extend(tok.encode(text[start:stop]))  # the whole text: text[0:len(text)] is text itself
@@ -74,7 +77,7 @@ def encode_documents(tokenizer, texts: Sequence[str], *, piece_chars: int = 1 <<
     if isinstance(texts, str):
         raise TypeError("encode_documents expects a sequence of texts, got one str; for one text use "
                         "encode_document(tokenizer, text)")
-    _check_arguments(None, piece_chars)
+    _check_piece_chars(piece_chars)
     if batch_chars is not None and (isinstance(batch_chars, bool) or not isinstance(batch_chars, int)
                                     or batch_chars < 1):
         raise ValueError(f"batch_chars must be a positive int (characters per encode_batch call) or None, "
@@ -91,6 +94,8 @@ def encode_documents(tokenizer, texts: Sequence[str], *, piece_chars: int = 1 <<
     size = 0
 
     def flush() -> None:
+        if not batch:
+            return
         for (k, _, _), ids in zip(batch, tok.encode_batch([texts[k][a:b] for k, a, b in batch])):
             out[k].extend(ids)
         batch.clear()
@@ -106,11 +111,7 @@ def encode_documents(tokenizer, texts: Sequence[str], *, piece_chars: int = 1 <<
     return out
 
 
-def _check_arguments(text, piece_chars) -> None:
-    """TypeError for a text that is not str (None: no text to check), ValueError for a bad piece_chars."""
-    if text is not None and not isinstance(text, str):
-        raise TypeError(f"encode_document expects text as str, got {type(text).__name__}; "
-                        "decode bytes first: text.decode('utf-8')")
+def _check_piece_chars(piece_chars) -> None:
     if isinstance(piece_chars, bool) or not isinstance(piece_chars, int) or piece_chars < 1:
         raise ValueError(f"piece_chars must be a positive int (characters per encode call), got "
                          f"{piece_chars!r}; the default is {1 << 16}")

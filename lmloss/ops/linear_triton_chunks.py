@@ -97,16 +97,12 @@ def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WANT_B=want_b,
             PRECISION=precision, UPCAST=not h2.is_cuda,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-        w_c = weight[c0:c0 + C]
-        if dz.dtype == torch.float32:  # float32 inputs: straight into dW's rows and into dh, no temporaries
-            if want_w:
+        if want_w:  # 2. this chunk's rows of dW: float32 straight into them, bf16/fp16 rounded once
+            if dz.dtype == torch.float32:
                 torch.mm(dz_c.T, h2, out=dw[c0:c0 + C])
-            if want_h:
-                dh.addmm_(dz_c, w_c)
-            continue
-        if want_w:  # 2. this chunk's rows of dW, rounded once
-            dw[c0:c0 + C] = _mm.product_f32(dz_c.T, h2)
-        if want_h:  # 3. dh += dz @ W[c0:c1], float32, in place where torch can
-            _mm.add_product_(dh, dz_c, w_c)
+            else:
+                dw[c0:c0 + C] = _mm.product_f32(dz_c.T, h2)
+        if want_h:  # 3. dh += dz @ W[c0:c1], float32, in place where torch can (addmm_ for float32)
+            _mm.add_product_(dh, dz_c, weight[c0:c0 + C])
     cast = lambda acc, like: None if acc is None else acc.to(like.dtype)  # noqa: E731
     return cast(dh, h2), dw, cast(db, bias)
