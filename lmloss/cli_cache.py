@@ -20,8 +20,9 @@ import math
 import time
 from pathlib import Path
 
-from lmloss import gguf_cache
-from lmloss.gguf_cache import CacheEntry, cache_entries, cache_max_bytes, cache_root, remove_entry
+from lmloss import cache_folder
+from lmloss.cache_folder import CacheEntry, cache_entries, cache_root, remove_entry
+from lmloss.gguf_cache import cache_max_bytes
 
 __all__ = ["build_parser", "parse_args", "run", "main"]
 
@@ -103,7 +104,7 @@ def clear(older_than_days: float | None) -> None:
         elif e.folder.exists():
             in_use.append(e)
     if where.is_dir():
-        gguf_cache._sweep(where)  # what killed processes left: stale .tmp-* and .trash-* folders
+        cache_folder.sweep(where)  # what killed processes left: stale .tmp-* and .trash-* folders
     print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} "
           f"({_size(sum(e.n_bytes for e in removed))}) from {where}")
     if recent:

@@ -30,10 +30,10 @@ warning says so; the next write removes it). 0 keeps nothing new: a load convert
 folder, reads it and deletes it, while entries already there are still read (`lmloss cache clear`
 removes them); inf sets no limit. `lmloss cache list|clear|dir` shows and empties the cache.
 
-Concurrent readers: a reader holds a shared flock on the entry's .used from before it checks the
-entry until read() returns; eviction and `lmloss cache clear` take it exclusively without waiting,
-skip an entry another process holds, and remove an entry by renaming it away in one step while they
-hold the lock. A reader that was waiting then finds the entry gone and converts again, and one whose
+Concurrent readers (the locks and the eviction are in lmloss/cache_folder.py): a reader holds a shared
+flock on the entry's .used from before it checks the entry until read() returns; eviction and `lmloss
+cache clear` take it exclusively without waiting, skip an entry another process holds, and remove an
+entry by renaming it away in one step while they hold the lock. A reader that was waiting then finds the entry gone and converts again, and one whose
 entry is deleted under it anyway (`rm -rf`, or a file system without locks: NFS without lockd,
 Windows) warns and converts again; files a reader has already opened or mmap'ed stay readable after
 their removal (POSIX).
@@ -52,27 +52,21 @@ import os
 import re
 import shutil
 import tempfile
-import time
 import warnings
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, TypeVar
 
-try:
-    import fcntl  # POSIX advisory locks (flock)
-except ImportError:  # Windows: use is recorded, not locked; readers still fall back to converting
-    fcntl = None
+from lmloss import cache_folder
+from lmloss.cache_folder import cache_root
 
-__all__ = ["DEFAULT_MAX_GB", "FORMAT", "CacheEntry", "CacheError", "cache_entries", "cache_max_bytes", "cache_root",
-           "entry_folder", "evict", "gguf_fingerprint", "load_cached", "remove_entry"]
+__all__ = ["DEFAULT_MAX_GB", "FORMAT", "CacheError", "cache_max_bytes", "entry_folder", "gguf_fingerprint",
+           "load_cached"]
 
 FORMAT = 1  # bump when what an entry holds changes: older entries then miss
 DEFAULT_MAX_GB = 20.0  # $LMLOSS_CACHE_MAX_GB when unset: ~5e9 float32 parameters (a 7B model needs 28)
 _MIB = 2**20
 _HASHED_FILE_BYTES = 64 * _MIB  # files up to this size are checked by sha256 at each load
-_STALE_TEMP_S = 3600.0  # a .tmp-* folder untouched this long belongs to a process that died
-_USED = ".used"  # in each entry: mtime = last use; a shared flock on it while a process reads the entry
 T = TypeVar("T")
 
 
@@ -80,15 +74,6 @@ class CacheError(ValueError):
     """A problem of the cache itself (its settings, writing an entry, a file changing while read), not
     of the GGUF file's contents: callers that wrap reading errors as "the file may be corrupt" let it
     through as it is."""
-
-
-def cache_root() -> Path:
-    """$LMLOSS_CACHE_DIR, else $XDG_CACHE_HOME/lmloss, else ~/.cache/lmloss (read at each call)."""
-    if os.environ.get("LMLOSS_CACHE_DIR"):
-        return Path(os.environ["LMLOSS_CACHE_DIR"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lmloss"
-    return Path.home() / ".cache" / "lmloss"
 
 
 def cache_max_bytes() -> float:
@@ -158,7 +143,7 @@ def load_cached(path, part: str, read: Callable[[Path], T]) -> T:
     path = Path(path).expanduser()
     inputs = gguf_fingerprint(path)
     entry = entry_folder(path, inputs) / part
-    with _reading(entry) as found:  # while it is open, no eviction removes the entry
+    with cache_folder.reading(entry) as found:  # while it is open, no eviction removes the entry
         if found:
             problem = _problem(entry, part, inputs)
             if problem is None:
@@ -167,7 +152,7 @@ def load_cached(path, part: str, read: Callable[[Path], T]) -> T:
                 except Exception as err:  # a corrupt safetensors file, a config transformers refuses, ...
                     problem = f"reading it failed ({type(err).__name__}: {str(err)[:300]})"
                 else:
-                    _record_use(entry)
+                    cache_folder.record_use(entry)
                     return result
             if not entry.exists():
                 warnings.warn(f"lmloss cache entry {entry} (for {path}) was deleted while this process read it "
@@ -176,7 +161,7 @@ def load_cached(path, part: str, read: Callable[[Path], T]) -> T:
             else:
                 warnings.warn(f"lmloss cache entry {entry} (for {path}) is unusable, rebuilding it: {problem}",
                               RuntimeWarning, stacklevel=2)
-                _discard(entry)
+                cache_folder.discard(entry)
     try:
         tmp = _convert(path, part, inputs, entry.parent.parent, write)
         lock = None if max_bytes == 0 else _publish(tmp, entry)  # _publish holds a lock: no eviction takes it
@@ -201,9 +186,9 @@ def _evict_after_write(entry: Path, max_bytes: float, path: Path) -> None:
     """evict() down to max_bytes, keeping `entry`; one warning when `entry` alone is over the limit."""
     if max_bytes == math.inf:
         return
-    evict(max_bytes, keep=entry)
+    cache_folder.evict(max_bytes, keep=entry)
     try:
-        n_bytes = _describe(entry).n_bytes
+        n_bytes = cache_folder.describe(entry).n_bytes
     except OSError:
         return
     if n_bytes > max_bytes:
@@ -257,7 +242,7 @@ def _write_tokenizer(path: Path, folder: Path) -> None:
 def _convert(path: Path, part: str, inputs: dict, gguf_dir: Path, write: Callable[[Path, Path], None]) -> Path:
     """write() into a new temporary folder in gguf_dir, then its manifest.json: that folder."""
     gguf_dir.mkdir(parents=True, exist_ok=True)
-    _sweep(gguf_dir)
+    cache_folder.sweep(gguf_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{part}-", dir=gguf_dir))
     try:
         write(path, tmp)
@@ -284,9 +269,9 @@ def _publish(tmp: Path, entry: Path) -> int | None:
         for f in sorted(f for f in tmp.rglob("*") if f.is_file()):
             _fsync(f)
         _fsync(tmp)
-        lock = _open_used(tmp)
+        lock = cache_folder.open_used(tmp)
         if lock is not None:
-            _lock(lock, exclusive=False)
+            cache_folder.take_lock(lock, exclusive=False)
         for attempt in range(3):
             entry.parent.mkdir(exist_ok=True)
             try:
@@ -303,9 +288,9 @@ def _publish(tmp: Path, entry: Path) -> int | None:
                     os.close(lock)
                 lock = None
                 with contextlib.suppress(FileNotFoundError):
-                    lock = _open_used(entry)
+                    lock = cache_folder.open_used(entry)
                     if lock is not None:
-                        _lock(lock, exclusive=False)
+                        cache_folder.take_lock(lock, exclusive=False)
                 return lock
         _fsync(entry.parent)
         return lock
@@ -317,28 +302,6 @@ def _publish(tmp: Path, entry: Path) -> int | None:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
-def _discard(entry: Path) -> None:
-    """Move the entry out of the way in one rename (no reader sees half of it), then delete it."""
-    trash = entry.parent.parent / f".trash-{os.getpid()}-{time.time_ns()}"
-    try:
-        os.rename(entry, trash)
-    except FileNotFoundError:  # another process discarded it first
-        return
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _sweep(gguf_dir: Path) -> None:
-    """Delete what killed processes left: .trash-* folders, and .tmp-* folders untouched for an hour."""
-    now = time.time()
-    for d in gguf_dir.glob(".t*-*"):
-        try:
-            newest = max([d.stat().st_mtime, *(f.stat().st_mtime for f in d.iterdir())])
-        except OSError:  # removed meanwhile by its owner
-            continue
-        if d.name.startswith(".trash-") or (d.name.startswith(".tmp-") and now - newest > _STALE_TEMP_S):
-            shutil.rmtree(d, ignore_errors=True)
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -348,152 +311,6 @@ def _fsync(path: Path) -> None:
             raise
     finally:
         os.close(fd)
-
-
-# -- the entries, their use and their eviction ---------------------------------------------------
-
-@dataclass(frozen=True)
-class CacheEntry:
-    """One entry: folder = cache_root() / "gguf" / "<stem>-<key>" / part."""
-
-    folder: Path
-    part: str
-    source: str  # the GGUF file it was converted from, as the manifest names it ("?" when unreadable)
-    n_bytes: int  # its files' sizes summed
-    last_use_s: float  # unix time of the last load that read it (of its writing when never read)
-
-
-def cache_entries() -> list[CacheEntry]:
-    """Every entry under cache_root() / "gguf", least recently used first (temporaries aside)."""
-    found = []
-    gguf_dir = cache_root() / "gguf"
-    for folder in sorted(gguf_dir.glob("*/*")):
-        if folder.parent.name.startswith(".") or folder.name.startswith(".") or not folder.is_dir():
-            continue
-        try:
-            found.append(_describe(folder))
-        except OSError:  # removed meanwhile
-            continue
-    return sorted(found, key=lambda e: e.last_use_s)
-
-
-def _describe(folder: Path) -> CacheEntry:
-    try:
-        source = str(json.loads((folder / "manifest.json").read_text())["source"])
-    except (OSError, ValueError, KeyError, TypeError):
-        source = "?"
-    n_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    for marker in (folder / _USED, folder / "manifest.json", folder):  # an entry of an older lmloss has no .used
-        with contextlib.suppress(FileNotFoundError):
-            return CacheEntry(folder, folder.name, source, n_bytes, marker.stat().st_mtime)
-    raise FileNotFoundError(folder)
-
-
-def evict(max_bytes: float, *, keep: Path | None = None) -> list[CacheEntry]:
-    """Remove entries, least recently used first, until their sizes sum to at most max_bytes; never
-    `keep` nor an entry that a process is reading (remove_entry). Returns the removed entries."""
-    entries = cache_entries()
-    total = sum(e.n_bytes for e in entries)
-    keep = None if keep is None else Path(keep).resolve()
-    removed = []
-    for e in entries:
-        if total <= max_bytes:
-            break
-        if e.folder.resolve() == keep:
-            continue
-        try:
-            gone = remove_entry(e.folder)
-        except OSError:  # a folder this user may not delete: the next one may go
-            continue
-        if gone:
-            total -= e.n_bytes
-            removed.append(e)
-    return removed
-
-
-def remove_entry(folder) -> bool:
-    """Remove one entry, unless a process is reading it (holds the shared lock on its .used): under an
-    exclusive lock, renamed out of the way in one step, then deleted; its parent goes too once empty.
-    True if this call removed it; False if it is in use or gone already. OSError if it cannot be moved."""
-    folder = Path(folder)
-    try:
-        lock = _open_used(folder)
-    except FileNotFoundError:
-        return False
-    try:
-        if lock is not None and not (_lock(lock, exclusive=True) and _same_file(lock, folder / _USED)):
-            return False  # in use, or removed and written again since it was opened
-        trash = folder.parent.parent / f".trash-{os.getpid()}-{time.time_ns()}"
-        try:
-            os.rename(folder, trash)
-        except FileNotFoundError:
-            return False
-    finally:
-        if lock is not None:
-            os.close(lock)
-    shutil.rmtree(trash, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        folder.parent.rmdir()  # only when empty: the other part may still be there
-    return True
-
-
-@contextlib.contextmanager
-def _reading(entry: Path) -> Iterator[bool]:
-    """Holds a shared lock on entry/.used while open: no eviction removes the entry meanwhile. Gives
-    False when there is no entry (also when one was evicted while this waited for the lock)."""
-    try:
-        lock = _open_used(entry)
-    except FileNotFoundError:
-        yield False
-        return
-    try:
-        yield lock is None or (_lock(lock, exclusive=False) and _same_file(lock, entry / _USED))
-    finally:
-        if lock is not None:
-            os.close(lock)
-
-
-def _record_use(entry: Path) -> None:
-    """Touch entry/.used: eviction goes by its mtime."""
-    with contextlib.suppress(OSError):  # a read-only cache is still read
-        os.utime(entry / _USED)
-
-
-def _open_used(entry: Path) -> int | None:
-    """A descriptor of entry/.used, created if missing; None where it can be neither created nor opened
-    (a read-only cache: such an entry is read unlocked). FileNotFoundError when there is no entry."""
-    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
-        try:
-            return os.open(entry / _USED, flags, 0o644)
-        except OSError:
-            if not entry.is_dir():
-                raise FileNotFoundError(f"no cache entry {entry}") from None
-    return None
-
-
-def _lock(fd: int, *, exclusive: bool) -> bool:
-    """flock fd: shared (waiting out an evictor's brief exclusive hold) or exclusive without waiting.
-    False only when another process holds it; True also where locks are missing (no fcntl, or a file
-    system that refuses them): there, removals go ahead and readers fall back to converting."""
-    if fcntl is None:
-        return True
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if exclusive else fcntl.LOCK_SH)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    """Whether fd is still the file at path (not one renamed away, replaced or deleted since)."""
-    try:
-        here = os.stat(path)
-    except OSError:
-        return False
-    there = os.fstat(fd)
-    return (here.st_ino, here.st_dev) == (there.st_ino, there.st_dev)
 
 
 # -- checking an entry ---------------------------------------------------------------------------

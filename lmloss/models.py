@@ -403,7 +403,7 @@ def load_model(spec, *, device: str = "auto", dtype: str = "float32", cache: boo
     ValueError (resolve_device).
     dtype: "float32", "bfloat16" or "float16".
     cache: for a .gguf file, convert it once and keep the float32 result (safetensors + config) under
-    lmloss.gguf_cache.cache_root(), so that later loads of the same file take seconds; the weights are
+    lmloss.cache_folder.cache_root(), so that later loads of the same file take seconds; the weights are
     bit-identical either way. False reads the file through transformers every time and leaves the
     cache folder untouched. Other specs are never cached.
     """

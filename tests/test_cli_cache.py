@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmloss import cli, gguf_cache
+from lmloss import cache_folder, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_list_shows_entries_least_recently_used_first(cache_dir, capsys):
                                              ["tokenizer", "SmolLM2-135M.gguf"]]
     forty_days_ago = time.strftime("%Y-%m-%d", time.localtime(time.time() - 40 * 86400))
     assert rows[0].startswith(forty_days_ago) and "5.0 MB" in rows[0] and "2.0 MB" in rows[1] and "3.1 kB" in rows[2]
-    total = sum(e.n_bytes for e in gguf_cache.cache_entries())
+    total = sum(e.n_bytes for e in cache_folder.cache_entries())
     assert footer == f"3 entries, {total / 1e6:.1f} MB in {cache_dir / 'gguf'}; limit 20 GB (LMLOSS_CACHE_MAX_GB)"
 
 
@@ -87,7 +87,7 @@ def test_clear_removes_every_entry_and_what_killed_processes_left(cache_dir, cap
     a = _entry(cache_dir, "a", "model", 1_000_000, used_days_ago=1)
     _entry(cache_dir, "a", "tokenizer", 500_000, used_days_ago=1)
     _entry(cache_dir, "b", "model", 2_000_000, used_days_ago=100)
-    total = sum(e.n_bytes for e in gguf_cache.cache_entries())
+    total = sum(e.n_bytes for e in cache_folder.cache_entries())
     stale, live = cache_dir / "gguf" / ".tmp-model-dead", cache_dir / "gguf" / ".tmp-model-live"
     for folder in (stale, live):
         folder.mkdir()
@@ -96,32 +96,32 @@ def test_clear_removes_every_entry_and_what_killed_processes_left(cache_dir, cap
     assert (code, err) == (0, "")
     assert out == f"removed 3 entries ({total / 1e6:.1f} MB) from {cache_dir / 'gguf'}\n"
     assert sorted(p.name for p in (cache_dir / "gguf").iterdir()) == [live.name]  # key folders went too
-    assert not a.parent.exists() and gguf_cache.cache_entries() == []
+    assert not a.parent.exists() and cache_folder.cache_entries() == []
     assert _run(capsys, "clear") == (0, f"removed 0 entries (0.0 kB) from {cache_dir / 'gguf'}\n", "")
 
 
 def test_clear_older_than_keeps_what_was_used_recently(cache_dir, capsys):
     _entry(cache_dir, "old", "model", 1_000, used_days_ago=31)
     recent = _entry(cache_dir, "recent", "model", 1_000, used_days_ago=29)
-    old_bytes = gguf_cache.cache_entries()[0].n_bytes
+    old_bytes = cache_folder.cache_entries()[0].n_bytes
     code, out, err = _run(capsys, "clear", "--older-than", "30")
     assert (code, err) == (0, "")
     assert out.splitlines() == [f"removed 1 entry ({old_bytes / 1e3:.1f} kB) from {cache_dir / 'gguf'}",
                                 "kept 1 used in the last 30 days"]
-    assert [e.folder for e in gguf_cache.cache_entries()] == [recent]
+    assert [e.folder for e in cache_folder.cache_entries()] == [recent]
 
 
 def test_clear_keeps_an_entry_a_process_is_reading(cache_dir, capsys):
     busy = _entry(cache_dir, "busy", "model", 1_000, used_days_ago=1)
     _entry(cache_dir, "idle", "model", 1_000, used_days_ago=1)
-    with gguf_cache._reading(busy) as found:
+    with cache_folder.reading(busy) as found:
         assert found
         code, out, err = _run(capsys, "clear")
     assert (code, err) == (0, "")
     assert out.splitlines()[1] == ("kept 1 that a running process is reading: busy.gguf (model); run `lmloss cache "
                                    "clear` again once it is done")
-    assert [e.folder for e in gguf_cache.cache_entries()] == [busy]
-    assert _run(capsys, "clear")[1].startswith("removed 1 entry") and gguf_cache.cache_entries() == []
+    assert [e.folder for e in cache_folder.cache_entries()] == [busy]
+    assert _run(capsys, "clear")[1].startswith("removed 1 entry") and cache_folder.cache_entries() == []
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -137,7 +137,7 @@ def test_a_bad_option_exits_2_and_says_what_was_expected(cache_dir, capsys, argv
     with pytest.raises(SystemExit) as exit_:
         cli.main(["cache", *argv])
     assert exit_.value.code == 2 and says in capsys.readouterr().err
-    assert len(gguf_cache.cache_entries()) == 1  # nothing was removed
+    assert len(cache_folder.cache_entries()) == 1  # nothing was removed
 
 
 def test_list_and_clear_after_a_real_conversion(cache_dir, tmp_path, capsys):

@@ -196,7 +196,7 @@ def test_absent_and_offline_says_what_was_tried_and_where_a_copy_goes(tmp_path, 
         load_corpus(name, data_dir=str(tmp_path), subset=subset)
     msg = str(err.value)
     first_local = corpus.local[0].format(subset=subset)
-    assert msg.startswith(f"could not load corpus") and f"local files {first_local}" in msg
+    assert msg.startswith("could not load corpus") and f"local files {first_local}" in msg
     assert f"under {tmp_path} (none exists)" in msg and "set LMLOSS_DATA_DIR" in msg
     if corpus.url:
         assert f"download of {corpus.url}" in msg and "Offline mode is enabled" in msg

@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmloss import gguf_cache
-from lmloss.gguf_cache import cache_root, gguf_fingerprint, load_cached
+from lmloss import cache_folder, gguf_cache
+from lmloss.cache_folder import cache_root
+from lmloss.gguf_cache import gguf_fingerprint, load_cached
 from lmloss.models import load_model
 from lmloss.tokenizers import _load_hf, load_tokenizer
 
@@ -457,7 +458,7 @@ def _set_last_use(entry: Path, seconds_ago: float) -> None:
 
 def _model_entries(cache: Path) -> dict[str, Path]:
     """{source file name: entry folder} of the model entries."""
-    return {gguf_cache._describe(e).source.rsplit("/", 1)[-1]: e for e in _entries(cache)}
+    return {cache_folder.describe(e).source.rsplit("/", 1)[-1]: e for e in _entries(cache)}
 
 
 def test_each_load_records_its_use(tiny_gguf, cache_dir, no_conversion):
@@ -465,12 +466,12 @@ def test_each_load_records_its_use(tiny_gguf, cache_dir, no_conversion):
     [entry] = _entries(cache_dir)
     assert (entry / ".used").is_file() and ".used" not in json.loads((entry / "manifest.json").read_text())["files"]
     _set_last_use(entry, 2 * 86400)
-    [listed] = [e for e in gguf_cache.cache_entries() if e.part == "model"]
+    [listed] = [e for e in cache_folder.cache_entries() if e.part == "model"]
     assert listed.folder == entry and time.time() - listed.last_use_s > 86400
     no_conversion()
     before_s = time.time()
     load_model(str(tiny_gguf), device="cpu")
-    [listed] = [e for e in gguf_cache.cache_entries() if e.part == "model"]
+    [listed] = [e for e in cache_folder.cache_entries() if e.part == "model"]
     assert listed.last_use_s >= before_s - 1  # the file system's clock may be coarser than time.time()
     assert listed.source == str(tiny_gguf) and listed.n_bytes == sum(f.stat().st_size for f in entry.iterdir())
 
@@ -483,7 +484,7 @@ def test_eviction_goes_by_last_use_not_by_creation(tiny_gguf_master, tmp_path, c
     _set_last_use(entries["tiny1.gguf"], 300)  # written first,
     _set_last_use(entries["tiny2.gguf"], 200)
     load_model(str(a), device="cpu")  # ... but used last: read from the cache, which records the use
-    n_bytes = gguf_cache._describe(entries["tiny1.gguf"]).n_bytes
+    n_bytes = cache_folder.describe(entries["tiny1.gguf"]).n_bytes
     monkeypatch.setenv("LMLOSS_CACHE_MAX_GB", str(2.5 * n_bytes / 1e9))  # room for two of the three
     load_model(str(c), device="cpu")
     assert sorted(_model_entries(cache_dir)) == ["tiny1.gguf", "tiny3.gguf"]
@@ -494,14 +495,14 @@ def test_eviction_goes_by_last_use_not_by_creation(tiny_gguf_master, tmp_path, c
 def test_the_limit_holds_after_every_write(tiny_gguf_master, tmp_path, cache_dir, monkeypatch):
     files = _tiny_copies(tiny_gguf_master, tmp_path, 5)
     load_model(str(files[0]), device="cpu")
-    n_bytes = gguf_cache._describe(_entries(cache_dir)[0]).n_bytes
+    n_bytes = cache_folder.describe(_entries(cache_dir)[0]).n_bytes
     max_bytes = 2.5 * n_bytes
     monkeypatch.setenv("LMLOSS_CACHE_MAX_GB", str(max_bytes / 1e9))
     for i, path in enumerate(files[1:], start=2):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no entry alone is over the limit: no warning
             load_model(str(path), device="cpu")
-        entries = gguf_cache.cache_entries()
+        entries = cache_folder.cache_entries()
         assert sum(e.n_bytes for e in entries) <= max_bytes and len(entries) == 2
         assert {Path(e.source).name for e in entries} == {f"tiny{i - 1}.gguf", f"tiny{i}.gguf"}  # the newest two
 
@@ -519,7 +520,7 @@ def test_the_fresh_entry_stays_even_alone_over_the_limit(tiny_gguf, tiny_gguf_ma
     assert re.search(r"tiny\.gguf holds 0\.00 GB, more than LMLOSS_CACHE_MAX_GB=1e-09 allows; it is kept until the "
                      r"next entry is written .* Set LMLOSS_CACHE_MAX_GB above 1 to keep it", str(warning.message))
     _assert_same_model(got, want)
-    assert [e.part for e in gguf_cache.cache_entries()] == ["model"]  # the tokenizer went, the fresh entry stayed
+    assert [e.part for e in cache_folder.cache_entries()] == ["model"]  # the tokenizer went, the fresh entry stayed
     with pytest.warns(RuntimeWarning, match="LMLOSS_CACHE_MAX_GB"):
         load_model(str(other), device="cpu")
     assert list(_model_entries(cache_dir)) == ["tiny1.gguf"]
@@ -584,26 +585,26 @@ def test_evict_removes_least_recently_used_first_and_never_keep(cache_dir):
     second = _fake_entry(cache_dir, "second", "model", 1000, used_s_ago=300)
     third = _fake_entry(cache_dir, "third", "model", 1000, used_s_ago=200, old=True)
     token = _fake_entry(cache_dir, "second", "tokenizer", 1000, used_s_ago=100)
-    sizes = {e.folder: e.n_bytes for e in gguf_cache.cache_entries()}
-    assert [e.folder for e in gguf_cache.cache_entries()] == [second, third, token, first]
-    assert [e.folder for e in gguf_cache.evict(sum(sizes.values()) - 1)] == [second]
+    sizes = {e.folder: e.n_bytes for e in cache_folder.cache_entries()}
+    assert [e.folder for e in cache_folder.cache_entries()] == [second, third, token, first]
+    assert [e.folder for e in cache_folder.evict(sum(sizes.values()) - 1)] == [second]
     assert second.parent.exists()  # its tokenizer is still there
-    assert gguf_cache.evict(math.inf) == [] and gguf_cache.evict(sum(sizes.values())) == []
-    assert [e.folder for e in gguf_cache.evict(0, keep=third)] == [token, first]
-    assert [e.folder for e in gguf_cache.cache_entries()] == [third]
+    assert cache_folder.evict(math.inf) == [] and cache_folder.evict(sum(sizes.values())) == []
+    assert [e.folder for e in cache_folder.evict(0, keep=third)] == [token, first]
+    assert [e.folder for e in cache_folder.cache_entries()] == [third]
     assert sorted(p.name for p in (cache_dir / "gguf").iterdir()) == [third.parent.name]
 
 
 def test_an_entry_being_read_is_never_evicted(cache_dir):
     busy = _fake_entry(cache_dir, "busy", "model", 1000, used_s_ago=300)
     idle = _fake_entry(cache_dir, "idle", "model", 1000, used_s_ago=10)
-    with gguf_cache._reading(busy) as found:
+    with cache_folder.reading(busy) as found:
         assert found
-        assert [e.folder for e in gguf_cache.evict(0)] == [idle]
-        assert gguf_cache.remove_entry(busy) is False and (busy / "model.safetensors").is_file()
-    assert [e.folder for e in gguf_cache.evict(0)] == [busy]
-    assert gguf_cache.remove_entry(busy) is False and list((cache_dir / "gguf").iterdir()) == []
-    with gguf_cache._reading(busy) as found:  # no entry: nothing is created
+        assert [e.folder for e in cache_folder.evict(0)] == [idle]
+        assert cache_folder.remove_entry(busy) is False and (busy / "model.safetensors").is_file()
+    assert [e.folder for e in cache_folder.evict(0)] == [busy]
+    assert cache_folder.remove_entry(busy) is False and list((cache_dir / "gguf").iterdir()) == []
+    with cache_folder.reading(busy) as found:  # no entry: nothing is created
         assert not found
     assert list((cache_dir / "gguf").iterdir()) == []
 
