@@ -131,7 +131,7 @@ def test_lmloss_side_matches_lm_eval_windows_in_float64(built, assets, one_threa
     folder, info = built
     data_dir = assets / "corpora"
     cfg = dict(folder=str(folder), device="cpu", dtype="float32", data_dir=str(data_dir), pages=1,
-               max_length=info["context"], batch_sizes=[None])
+               max_length=info["context"], batch_sizes=[None], repeats=2)
     out = bench.run_lmloss(cfg)
     tok = AutoTokenizer.from_pretrained(folder)
     page = load_corpus("wikitext", form="pages", detokenize=True, data_dir=str(data_dir), limit=1)[0]
@@ -144,6 +144,7 @@ def test_lmloss_side_matches_lm_eval_windows_in_float64(built, assets, one_threa
         assert run["n_tokens"] == len(ids) and run["nll_nats"] == -run["loglikelihoods"][0]
         assert bench.compare(run["loglikelihoods"], [want], rel_tol=1e-6)["same"]
         assert run["n_bytes"] == page.n_bytes and run["elapsed_s"] > 0
+        assert len(run["runs_s"]) == 2 and run["elapsed_s"] in run["runs_s"] and run["repeats_identical"]
     assert len(ids) % info["context"] and abs(short - want) / abs(want) > 10 * bench.REL_TOL["float32"]
 
 
@@ -162,4 +163,6 @@ def test_whole_script_against_lm_eval_at_tiny_size(assets, tmp_path):
     lm = res["results"]["float32"]["lm_eval"]
     assert res["same_numbers"] and lm["mode"] == "task" and lm["batch_size"] == 4
     assert lm["n_tokens"] == res["results"]["float32"]["lmloss"]["runs"][0]["n_tokens"]
+    for run in (lm, *res["results"]["float32"]["lmloss"]["runs"]):  # --repeats 3: the median of three
+        assert sorted(run["runs_s"])[1] == run["elapsed_s"] and run["repeats_identical"]
     assert "All 1 per-document log-likelihoods match" in proc.stdout
