@@ -68,7 +68,7 @@ def tune_linear(N, d, V, dtype, emit, *, device="cuda"):
 
     def run(config, precision):  # (N,) nll = lse - z[target]; no target is ignored here
         lse, target_logit = lt.linear_lse_target(hidden, weight, targets, config=config, precision=precision)
-        return lse - target_logit
+        return (lse - target_logit).float()  # lse is float64, the public nll float32
 
     ref = lmloss.linear_token_nll(hidden, weight, targets, impl="triton")  # the public path, defaults
     f64 = torch.nn.functional.cross_entropy(hidden[:64].double() @ weight.double().T, targets[:64],

@@ -1,9 +1,11 @@
 """Fused linear cross-entropy against a float64 reference written here, independent of lmloss."""
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,14 +293,128 @@ _TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_triton_kernel_in_interpreter():
-    """The Triton path on the CPU: TRITON_INTERPRET=1 must be set before triton is imported."""
+def _run_interpreted(script: str, done: str, timeout: int = 300) -> None:
+    """Run a script of this file's in a fresh python with TRITON_INTERPRET=1 (it must be set before
+    triton is imported), test_linear importable; fails with its output unless it prints `done`."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0 and "triton ok" in run.stdout, run.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0 and done in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
+
+
+def test_triton_kernel_in_interpreter():
+    """The Triton path on the CPU: TRITON_INTERPRET=1 must be set before triton is imported."""
+    _run_interpreted(_TRITON_SCRIPT, "triton ok")
+
+
+_TRITON_FORWARD_SCRIPT = textwrap.dedent("""
+    import math, torch, test_linear as T
+    from lmloss.ops import linear_triton as lt
+
+    def z64(hidden, weight, b, softcap):
+        z = hidden.double() @ weight.double().T + (b.double() if b is not None else 0.0)
+        return softcap * torch.tanh(z / softcap) if softcap is not None else z
+
+    # (N, d, V, config): V a multiple of BLOCK_N or not (the peeled, masked last tile), d a multiple of
+    # BLOCK_K or not, N not a multiple of BLOCK_M (rows clamped), several vocabulary splits (the default
+    # config asks for 4 programs on the CPU: 19 rows in 16-row blocks -> 2 splits)
+    cases = [(19, 40, 301, None), (16, 32, 256, None), (33, 48, 64, (16, 32, 16, 1, 1)),
+             (5, 17, 97, (16, 16, 16, 1, 1)), (40, 64, 1000, (32, 64, 32, 1, 1))]
+    for N, d, V, config in cases:
+        for b_on, softcap in ((False, None), (True, None), (True, 7.0)):
+            hidden, weight, b, targets = T.make(N, d, V, bias=b_on, n_ignored=2)
+            targets[0], targets[-1] = 0, V - 1  # the first and the last vocabulary entry
+            z = z64(hidden, weight, b, softcap)
+            lse, tl_ = lt.linear_lse_target(hidden, weight, targets, b, softcap=softcap, config=config,
+                                            precision="ieee")
+            assert lse.dtype == torch.float64 and tl_.dtype == torch.float32, (lse.dtype, tl_.dtype)
+            # lse to float32's rounding of the logits it is built from (~|z| * 6e-8 each); the target logit
+            # is one float32 dot product, 0 for ignored rows
+            torch.testing.assert_close(lse, torch.logsumexp(z, dim=1), rtol=2e-6, atol=2e-6)
+            keep = targets != -100
+            want = torch.where(keep, z.gather(1, torch.where(keep, targets, 0)[:, None])[:, 0], 0.0)
+            torch.testing.assert_close(tl_.double(), want, rtol=2e-6, atol=2e-6)
+            assert (tl_[~keep] == 0).all()
+    # huge logits (exp would overflow without the shift) and a near-certain target (nll ~ 0, never < 0)
+    hidden, weight, b, targets = T.make(9, 24, 130, scale=400.0, n_ignored=0)
+    z = z64(hidden, weight, None, None)
+    targets = z.argmax(dim=1)
+    lse, tl_ = lt.linear_lse_target(hidden, weight, targets, precision="ieee")
+    assert torch.isfinite(lse).all()
+    torch.testing.assert_close(lse, torch.logsumexp(z, dim=1), rtol=2e-6, atol=1e-4)
+    nll = T.lmloss.linear_token_nll(hidden, weight, targets, impl="triton")
+    assert (nll >= 0).all() and nll.max() < 1e-2, nll
+    print("triton forward ok")
+""")
+
+
+def test_triton_forward_edges_in_interpreter():
+    """The Triton forward's peeled last tile, clamped rows, split vocabulary, uneven d, bias and softcap,
+    huge logits: lse (float64) and the target logit against float64, on the CPU under TRITON_INTERPRET=1."""
+    _run_interpreted(_TRITON_FORWARD_SCRIPT, "triton forward ok")
+
+
+def _compile_for_hopper(kernel, types: dict, consts: dict, num_warps: int, num_stages: int):
+    """Compile a Triton kernel for sm_90 (H100/H200) on this machine, no GPU needed (triton's own ptxas):
+    integer arguments and pointers taken as multiples of 16, as triton specializes them at launch."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(kernel.arg_names)
+    signature = {n: ("constexpr" if n in consts else types[n]) for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in consts
+             and (types[n].startswith("*") or n in ("D", "C", "c0", "stride_h", "stride_w", "stride_dz", "cols_per_split"))}
+    src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                    constexprs={(names.index(n),): v for n, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
+    """The interpreter runs the kernels' Python, not triton's compiler: compile the default bf16 forward (its
+    hot loop and peeled tile), the target-logit kernel and the chunked backward's dz kernel for sm_90, as
+    a lent H100/H200 would, and check the forward's tile loads are asynchronous copies and its hot loop's
+    exponentials are one exp2 each."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this triton has no ahead-of-time compile API ({e})")
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    from lmloss.ops import linear_triton as lt, linear_triton_chunks as ltc
+
+    ints = dict.fromkeys(("N", "V", "D", "C", "c0", "stride_h", "stride_w", "stride_dz", "cols_per_split",
+                          "n_splits"), "i32")
+    bf16 = dict(h_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", softcap="fp32", **ints)
+    m, n, k, warps, stages = 256, 128, 64, 8, 3  # lt.default_config for bf16 on a GPU
+    fwd = _compile_for_hopper(lt._linear_lse_kernel, dict(bf16, ml_ptr="*fp32", s_ptr="*fp32"),
+                              dict(HAS_BIAS=False, HAS_SOFTCAP=False, PRECISION="tf32", UPCAST=False, EVEN_K=True,
+                                   BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), warps, stages)
+    ptx = fwd.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "cp.async" in ptx, "the tile product should run on wgmma, fed by cp.async"
+    assert "setp.eq.b64" not in ptx, "no per-tile search for the target (its logit comes from its own kernel)"
+    per_thread = m * n // (32 * warps)  # tile elements per thread, in each of the two copies (loop, peeled)
+    # one exp2 per element (and a few per row), each fed by an fma: no subtract per element (the old loop had
+    # per_thread + 4 of them, plus a compare, two selects and an add per element for the target and the mask)
+    assert 2 * per_thread <= ptx.count("ex2.approx") <= 2 * (per_thread + 8)
+    assert max(ptx.count("sub.f32"), ptx.count("mul.f32")) < per_thread // 4, "a subtract or multiply per element"
+    assert ptx.count("selp.f32") <= per_thread + 8, "a select per element in the hot loop (only the peeled tile masks)"
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if nvdisasm.is_file():  # the machine code: no register spills (the old loop spilled 54 values per tile)
+        cubin = tmp_path / "forward.cubin"
+        cubin.write_bytes(fwd.asm["cubin"])
+        sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+        ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+        assert "HGMMA" in {o.split(".")[0] for o in ops} and not {"STL", "LDL"} & {o.split(".")[0] for o in ops}
+    _compile_for_hopper(lt._target_logit_kernel, dict(bf16, t_ptr="*i64", out_ptr="*fp32"),
+                        dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_R=32, BLOCK_K=128), 4, 1)
+    bm, bn, bk, w, st = 128, 128, 64, 8, 3  # ltc.default_chunk_config for bf16 on a GPU
+    _compile_for_hopper(ltc._dz_chunk_kernel, dict(bf16, t_ptr="*i64", lse_ptr="*fp32", g_ptr="*fp32",
+                                                   dz_ptr="*bf16", db_ptr="*fp32"),
+                        dict(HAS_BIAS=False, HAS_SOFTCAP=False, WANT_B=False, PRECISION="tf32", UPCAST=False,
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, st)
 
 
 _TRITON_BACKWARD_SCRIPT = textwrap.dedent("""
@@ -423,12 +539,7 @@ def test_triton_backward_in_interpreter():
     F.cross_entropy(h @ W.T + b, t): dh, dW, dbias with softcap, ignore_index (a real token id
     too), reductions "none" (random upstream grad), "sum" and "mean", float32 / bfloat16 / float16,
     tile configurations with partial blocks everywhere and several L2 groups."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", _TRITON_BACKWARD_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0 and "triton backward ok" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
+    _run_interpreted(_TRITON_BACKWARD_SCRIPT, "triton backward ok", timeout=600)
 
 
 def test_auto_on_cuda_without_triton_falls_back_to_chunked(monkeypatch):
@@ -448,7 +559,8 @@ def test_auto_on_cuda_without_triton_falls_back_to_chunked(monkeypatch):
     monkeypatch.setattr(linear_mod, "choose_impl", rule_on_cuda)
     for name in ("triton", "lmloss.ops.triton_kernels", "lmloss.ops.linear_triton"):
         monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
-    monkeypatch.delattr(ops, "triton_kernels", raising=False)
+    for name in ("triton_kernels", "linear_triton", "linear_triton_chunks"):  # imported by an earlier test:
+        monkeypatch.delattr(ops, name, raising=False)  # `from lmloss.ops import x` would find the attribute
     hidden, weight, b, targets = make(23, 16, 301, bias=True)
     ref = reference_nll(hidden, weight, targets, b)
     torch.testing.assert_close(lmloss.linear_token_nll(hidden, weight, targets, bias=b).double(), ref,

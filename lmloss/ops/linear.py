@@ -8,7 +8,7 @@ The identities everything here relies on, per row n, over vocabulary blocks b:
     z = h @ W.T + bias                           # logits, one (rows, cols) tile at a time
     z = softcap * tanh(z / softcap)              # when softcap is given (Gemma-2 style)
     L <- s + log(exp(L - s) + sum(exp(z_b - s)))  # online lse over blocks, float64; s = L rounded
-    nll = lse - z[target]                        # z[target] picked from the tile that holds it
+    nll = lse - z[target]                        # z[target]: from the tile that holds it (CPU), h . W[target] (Triton)
     dz = (softmax(z) - onehot(target)) * grad    # backward, recomputed tile by tile from lse
 """
 

@@ -3,12 +3,14 @@ contract). Neither ever writes a tile of logits, or of their gradient, to memory
 
 Forward. Each program owns BLOCK_M rows and one slice of the vocabulary. For every BLOCK_N columns of
 its slice it builds the (BLOCK_M, BLOCK_N) tile of logits with tl.dot over d in BLOCK_K steps; the
-tile lives in registers only, is folded into an online log-sum-exp, and is dropped:
-    lse_slice = m + log(sum(exp(z - m)))                    # per row, over the program's slice
-    lse = logsumexp over slices                             # (N, SPLITS) -> (N,), in torch
-    z[target] = sum over slices of the tile entry at target (exactly one slice holds it)
-Splitting the vocabulary gives the GPU enough programs when N is small; the partial results are
-only (N, SPLITS) floats.
+tile lives in registers only, is folded into an online log-sum-exp in base 2, and is dropped:
+    ml = max(z) * log2(e),  s = sum(exp2(z * log2(e) - ml))   # per row, over the program's slice
+    lse = logsumexp over slices of (ml + log2(s)) * ln 2      # (N, SPLITS) -> (N,), float64, in torch
+    z[target] = h[n] . W[target] (+ bias, softcapped)         # a separate small kernel, float32
+Per element of a tile that is one max, one fma, one exp2 and one add: no column mask (rows and the
+last tile's columns are clamped in bounds, and only that tile, peeled off the loop, masks), and no
+search for the target in every tile. Splitting the vocabulary gives the GPU enough programs when N
+is small; the partial results are only (N, SPLITS) floats.
 
 Backward (Cut Cross-Entropy's scheme, Wijmans et al. 2024, arXiv:2411.09009 Sec. 4.2). Each program
 owns one (BLOCK_M rows, BLOCK_N vocabulary) tile. It rebuilds the tile of logits as the forward
@@ -37,58 +39,110 @@ not logits-sized), and (N,) vectors; nothing N x V.
 Offsets are int64 so N * d and V * d beyond 2**31 work. Tested on the CPU with TRITON_INTERPRET=1
 (set before triton is imported).
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _linear_lse_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, tgt_ptr,
+def _lse_tile(h_rows, w_ptr, b_ptr, v0, v_end, ml, s, D, stride_w, softcap,
+              HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+              EVEN_K: tl.constexpr, MASKED: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Fold the tile of logits of columns [v0, v0 + BLOCK_N) into the running (ml, s), per row:
+    ml = max(z) * log2(e) so far, s = sum(exp2(z * log2(e) - ml)). MASKED: the tile runs past v_end;
+    its columns are clamped there (every load in bounds) and count as -inf. h_rows (BLOCK_M, 1): row
+    start pointers of h (rows past N clamped to N - 1: computed, never stored)."""
+    cols = v0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        col_ok = cols < v_end
+        cols = tl.minimum(cols, v_end - 1)
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w  # (BLOCK_N, 1)
+    ks = tl.arange(0, BLOCK_K)
+    # 1. z = h @ W.T for this tile, fp32 accumulation, never written to memory
+    z = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            h = tl.load(h_rows + (k0 + ks)[None, :])
+            w = tl.load(w_rows + (k0 + ks)[None, :])
+        else:
+            k_ok = (k0 + ks) < D
+            h = tl.load(h_rows + (k0 + ks)[None, :], mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + (k0 + ks)[None, :], mask=k_ok[None, :], other=0.0)
+        if UPCAST:  # interpreter only: its bf16 tl.dot multiplies bit patterns
+            h, w = h.to(tl.float32), w.to(tl.float32)  # triton-lang/triton#11584
+        z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols.to(tl.int64)).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:  # softcap * tanh(z / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
+        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+    if MASKED:
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+    # 2. online lse in base 2: s <- s * exp2(ml - ml_new) + sum(exp2(z * log2(e) - ml_new)), log2(e) as a
+    #    literal (a jit function reads no module globals); each exponent is one fma, not a subtract and a multiply
+    ml_new = tl.maximum(ml, tl.max(z, axis=1) * 1.4426950408889634)
+    s = s * tl.exp2(ml - ml_new) + tl.sum(tl.exp2(z * 1.4426950408889634 - ml_new[:, None]), axis=1)
+    return ml_new, s
+
+
+@triton.jit
+def _linear_lse_kernel(h_ptr, w_ptr, b_ptr, ml_ptr, s_ptr,
                        N, V, D, stride_h, stride_w, cols_per_split, n_splits, softcap,
                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-                       UPCAST: tl.constexpr,
+                       UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
-    rows64 = rows.to(tl.int64)
-    target = tl.load(t_ptr + rows64, mask=row_ok, other=-1)
-    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max
-    s = tl.zeros((BLOCK_M,), tl.float32)  # running sum(exp(z - m))
-    picked = tl.zeros((BLOCK_M,), tl.float32)  # z[target] when this slice holds it
+    h_rows = h_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_h  # (BLOCK_M, 1), in bounds
+    ml = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max(z) * log2(e)
+    s = tl.zeros((BLOCK_M,), tl.float32)  # running sum(exp2(z * log2(e) - ml))
     v_start = split * cols_per_split
     v_end = tl.minimum(v_start + cols_per_split, V)
+    v_full = v_start + (v_end - v_start) // BLOCK_N * BLOCK_N  # whole tiles end here
+    for v0 in range(v_start, v_full, BLOCK_N):  # no column masks: the hot loop
+        ml, s = _lse_tile(h_rows, w_ptr, b_ptr, v0, v_end, ml, s, D, stride_w, softcap,
+                          HAS_BIAS, HAS_SOFTCAP, PRECISION, UPCAST, EVEN_K, False, BLOCK_M, BLOCK_N, BLOCK_K)
+    if v_full < v_end:  # the last split's last tile, when BLOCK_N does not divide V
+        ml, s = _lse_tile(h_rows, w_ptr, b_ptr, v_full, v_end, ml, s, D, stride_w, softcap,
+                          HAS_BIAS, HAS_SOFTCAP, PRECISION, UPCAST, EVEN_K, True, BLOCK_M, BLOCK_N, BLOCK_K)
+    out = rows.to(tl.int64) * n_splits + split  # lse of the slice = (ml + log2(s)) ln 2, taken in float64
+    tl.store(ml_ptr + out, ml, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+
+
+@triton.jit
+def _target_logit_kernel(h_ptr, w_ptr, b_ptr, t_ptr, out_ptr, N, V, D, stride_h, stride_w, softcap,
+                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[n] = z[n, targets[n]] (softcapped), float32 products and sums; 0 where the target is outside
+    [0, V) (ignored rows)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    target = tl.load(t_ptr + rows64, mask=row_ok, other=-1)
+    hit = row_ok & (target >= 0) & (target < V)
+    t64 = tl.where(hit, target, 0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
-    for v0 in range(v_start, v_end, BLOCK_N):
-        cols = v0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < v_end
-        cols64 = cols.to(tl.int64)
-        # 1. z = h @ W.T for this tile, fp32 accumulation, never written to memory
-        z = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k_ok = (k0 + ks) < D
-            h = tl.load(h_ptr + rows64[:, None] * stride_h + (k0 + ks)[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + cols64[:, None] * stride_w + (k0 + ks)[None, :],
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:  # interpreter only: its bf16 tl.dot multiplies bit patterns
-                h, w = h.to(tl.float32), w.to(tl.float32)  # triton-lang/triton#11584
-            z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_SOFTCAP:  # softcap * tanh(z / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
-            z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        # 2. the target logit, if this tile holds it
-        picked += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
-        # 3. online lse: s <- s * exp(m - m_new) + sum(exp(z - m_new))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m = m_new
-    out = rows64 * n_splits + split
-    tl.store(lse_ptr + out, m + tl.log(s), mask=row_ok)
-    tl.store(tgt_ptr + out, picked, mask=row_ok)
+    acc = tl.zeros((BLOCK_R,), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ok = hit[:, None] & ((k0 + ks) < D)[None, :]
+        h = tl.load(h_ptr + rows64[:, None] * stride_h + (k0 + ks)[None, :], mask=ok, other=0.0)
+        w = tl.load(w_ptr + t64[:, None] * stride_w + (k0 + ks)[None, :], mask=ok, other=0.0)
+        acc += tl.sum(h.to(tl.float32) * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + t64, mask=hit, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:  # as the tiles cap it
+        acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
+    tl.store(out_ptr + rows64, tl.where(hit, acc, 0.0), mask=row_ok)
+
+
+# log2(e) as float32 holds it: the kernels' literal 1.4426950408889634 rounds to this when it multiplies a
+# float32, so the host scales lse by the same number and the kernels' exponents (z - lse) * L stay exact
+_LOG2E_F32 = float(torch.tensor(1 / math.log(2), dtype=torch.float32))
 
 
 def _fp32_precision(device) -> str:
@@ -122,7 +176,7 @@ def default_config(h2, precision: str) -> tuple[int, int, int, int, int]:
 
 
 def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None, config=None, precision=None):
-    """-> (lse, target_logit), (N,) float32 each, for logits z = h2 @ weight.T + bias (softcapped).
+    """-> (lse (N,) float64, target_logit (N,) float32), for logits z = h2 @ weight.T + bias (softcapped).
     h2 (N, d) and weight (V, d) float32/bfloat16/float16 on CUDA (or CPU under TRITON_INTERPRET=1);
     t1 (N,) int64; ignored targets (outside [0, V)) give target_logit 0. precision: tl.dot's
     input_precision ("ieee", "tf32", "tf32x3"), default default_precision(h2); config: (BLOCK_M,
@@ -144,16 +198,26 @@ def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None, config=None, p
     n_splits = max(1, min(n_col_blocks, triton.cdiv(n_programs_wanted, row_blocks)))
     cols_per_split = triton.cdiv(n_col_blocks, n_splits) * block_n
     n_splits = triton.cdiv(V, cols_per_split)
-    lse_parts = torch.empty(N, n_splits, dtype=torch.float32, device=h2.device)
-    tgt_parts = torch.empty(N, n_splits, dtype=torch.float32, device=h2.device)
+    ml_parts = torch.empty(N, n_splits, dtype=torch.float32, device=h2.device)
+    s_parts = torch.empty(N, n_splits, dtype=torch.float32, device=h2.device)
+    bias_arg, cap = (bias if bias is not None else h2), (float(softcap) if softcap is not None else 1.0)
     _linear_lse_kernel[(row_blocks, n_splits)](
-        h2, weight, bias if bias is not None else h2, t1, lse_parts, tgt_parts,
-        N, V, D, h2.stride(0), weight.stride(0), cols_per_split, n_splits,
-        float(softcap) if softcap is not None else 1.0,
+        h2, weight, bias_arg, ml_parts, s_parts, N, V, D, h2.stride(0), weight.stride(0), cols_per_split, n_splits, cap,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        PRECISION=precision, UPCAST=not h2.is_cuda,
+        PRECISION=precision, UPCAST=not h2.is_cuda, EVEN_K=D % block_k == 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    return torch.logsumexp(lse_parts, dim=1), tgt_parts.sum(dim=1)
+    target_logit = torch.empty(N, dtype=torch.float32, device=h2.device)
+    block_r = 32 if h2.is_cuda else 16
+    block_k = min(128, triton.next_power_of_2(D)) if h2.is_cuda else 16
+    _target_logit_kernel[(triton.cdiv(N, block_r),)](
+        h2, weight, bias_arg, t1, target_logit, N, V, D, h2.stride(0), weight.stride(0), cap,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+        num_warps=4 if h2.is_cuda else 1)
+    # each slice's shift ml is the value its exponents used, so only s's own rounding is left: lse in float64.
+    # The tiles summed 2^(z L) = e^(z L ln 2) with L = log2(e) in float32, so the base-2 total is divided by L,
+    # not multiplied by ln 2 (that would leave (L ln 2 - 1) * z ~ 1e-8 * z)
+    lse = torch.logsumexp((ml_parts.double() + s_parts.double().log2()) * math.log(2), dim=1) / (_LOG2E_F32 * math.log(2))
+    return lse, target_logit
 
 
 @triton.jit
@@ -178,12 +242,15 @@ def _dz_tile(h_rows, w_rows, b_ptr, t_ptr, lse_ptr, g_ptr, rows64, cols, row_ok,
         z += tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:  # softcap * tanh(z / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1), as in the forward
         z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
-    # 2. dz = (softmax - onehot) * g in registers. g = 0 on ignored rows (and rows past N); the where
-    #    also keeps an overflowing exp on such rows, or on columns past V, out of the sums.
-    lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
+    # 2. dz = (softmax - onehot) * g in registers: softmax = exp2(z L - lse L), one fma and one exp2 (lse_ptr
+    #    holds lse * L, L = log2(e) as float32 holds it: backward_inputs); the one-hot as a second fma,
+    #    dz = p * g - (g at the target), the target compared as int32. g = 0 on ignored rows (and rows past
+    #    N); the where also keeps an overflowing exp on such rows, or on columns past V, out of the sums.
+    lse2 = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows64, mask=row_ok, other=0.0)
-    target = tl.load(t_ptr + rows64, mask=row_ok, other=-1)
-    dz = (tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * g[:, None]
+    target = tl.load(t_ptr + rows64, mask=row_ok, other=-1).to(tl.int32)  # [0, V); ignored rows have g = 0
+    p = tl.exp2(z * 1.4426950408889634 - lse2[:, None])
+    dz = p * g[:, None] + tl.where(cols[None, :] == target[:, None], (-g)[:, None], 0.0)  # one select, one fma
     if HAS_SOFTCAP:  # chain rule through the cap: 1 - tanh^2, tanh = z / softcap
         dz *= 1.0 - (z / softcap) * (z / softcap)
     return tl.where((g != 0.0)[:, None] & col_ok[None, :], dz, 0.0)
@@ -268,11 +335,12 @@ def default_backward_config(h2, precision: str) -> tuple[int, int, int, int, int
 
 
 def backward_inputs(h2, weight, bias, lse, g, want_b):
-    """The backward launchers' inputs as their kernels read them: h2 and weight contiguous, lse and g
-    float32 contiguous, want_b only with a bias; TypeError for float64."""
+    """The backward launchers' inputs as their kernels read them: h2 and weight contiguous, lse * log2(e)
+    (log2(e) as float32 holds it, the product taken in float64) and g float32 contiguous, want_b only with
+    a bias; TypeError for float64."""
     if h2.dtype == torch.float64:
         raise TypeError("the Triton path has no float64 tl.dot; use impl='chunked' for float64")
-    return (h2.contiguous(), weight.contiguous(), lse.float().contiguous(), g.float().contiguous(),
+    return (h2.contiguous(), weight.contiguous(), (lse.double() * _LOG2E_F32).float().contiguous(), g.float().contiguous(),
             want_b and bias is not None)
 
 
