@@ -33,10 +33,10 @@ removes them); inf sets no limit. `lmloss cache list|clear|dir` shows and emptie
 Concurrent readers (the locks and the eviction are in lmloss/cache_folder.py): a reader holds a shared
 flock on the entry's .used from before it checks the entry until read() returns; eviction and `lmloss
 cache clear` take it exclusively without waiting, skip an entry another process holds, and remove an
-entry by renaming it away in one step while they hold the lock. A reader that was waiting then finds the entry gone and converts again, and one whose
-entry is deleted under it anyway (`rm -rf`, or a file system without locks: NFS without lockd,
-Windows) warns and converts again; files a reader has already opened or mmap'ed stay readable after
-their removal (POSIX).
+entry by renaming it away in one step while they hold the lock. A reader that was waiting then finds
+the entry gone and converts again, and one whose entry is deleted under it anyway (`rm -rf`, or a file
+system without locks: NFS without lockd, Windows) warns and converts again; files a reader has
+already opened or mmap'ed stay readable after their removal (POSIX).
 
 Where: $LMLOSS_CACHE_DIR, else $XDG_CACHE_HOME/lmloss, else ~/.cache/lmloss (about 4 bytes per
 parameter for a model).

@@ -182,7 +182,8 @@ mid = sorted(runs, key=lambda r: r["elapsed_s"])[len(runs) // 2]  # the median r
 print("RESULT " + json.dumps(dict(elapsed_s=mid["elapsed_s"], detect_s=mid["detect_s"],
       runs_s=[r["elapsed_s"] for r in runs], detect_runs_s=[r["detect_s"] for r in runs],
       repeats_identical=all(r["loglikelihoods"] == ll for r in runs), batch_size=spent["batch_size"],
-      n_tokens=n_tokens, peak_mem_mib=peak, loglikelihoods=ll, metrics=metrics, mode=mode, versions=versions, distributions=loaded)))
+      n_tokens=n_tokens, peak_mem_mib=peak, loglikelihoods=ll, metrics=metrics, mode=mode, versions=versions,
+      distributions=loaded)))
 """
 
 

@@ -365,10 +365,12 @@ def _compile_for_hopper(kernel, types: dict, consts: dict, num_warps: int, num_s
     names = list(kernel.arg_names)
     signature = {n: ("constexpr" if n in consts else types[n]) for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in consts
-             and (types[n].startswith("*") or n in ("D", "C", "c0", "stride_h", "stride_w", "stride_dz", "cols_per_split"))}
+             and (types[n].startswith("*") or n in ("D", "C", "c0", "stride_h", "stride_w", "stride_dz",
+                                                    "cols_per_split"))}
     src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                     constexprs={(names.index(n),): v for n, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):

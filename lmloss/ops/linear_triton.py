@@ -216,7 +216,8 @@ def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None, config=None, p
     # each slice's shift ml is the value its exponents used, so only s's own rounding is left: lse in float64.
     # The tiles summed 2^(z L) = e^(z L ln 2) with L = log2(e) in float32, so the base-2 total is divided by L,
     # not multiplied by ln 2 (that would leave (L ln 2 - 1) * z ~ 1e-8 * z)
-    lse = torch.logsumexp((ml_parts.double() + s_parts.double().log2()) * math.log(2), dim=1) / (_LOG2E_F32 * math.log(2))
+    base2 = ml_parts.double() + s_parts.double().log2()  # (N, SPLITS): log2 of each slice's sum of 2^(z L)
+    lse = torch.logsumexp(base2 * math.log(2), dim=1) / (_LOG2E_F32 * math.log(2))
     return lse, target_logit
 
 
@@ -340,8 +341,8 @@ def backward_inputs(h2, weight, bias, lse, g, want_b):
     a bias; TypeError for float64."""
     if h2.dtype == torch.float64:
         raise TypeError("the Triton path has no float64 tl.dot; use impl='chunked' for float64")
-    return (h2.contiguous(), weight.contiguous(), (lse.double() * _LOG2E_F32).float().contiguous(), g.float().contiguous(),
-            want_b and bias is not None)
+    lse2 = (lse.double() * _LOG2E_F32).float().contiguous()
+    return h2.contiguous(), weight.contiguous(), lse2, g.float().contiguous(), want_b and bias is not None
 
 
 def linear_backward(h2, weight, t1, bias, lse, g, *, softcap=None, want_h=True, want_w=True, want_b=False,
@@ -350,9 +351,9 @@ def linear_backward(h2, weight, t1, bias, lse, g, *, softcap=None, want_h=True, 
     (softcapped), without building z or dz: dz = (softmax(z) - onehot(t1)) * g, dh = dz @ weight,
     dW = dz.T @ h2, dbias = dz.sum(0), accumulated in float32 and returned in the inputs' dtypes (None
     where not wanted; dbias None without bias). h2 (N, d), weight (V, d), bias (V,) float32/bfloat16/
-    float16; t1 (N,) int64; lse (N,) float32 from linear_lse_target; g (N,) float32, 0.0 where the
-    target is ignored. config and precision as in linear_lse_target (default default_backward_config);
-    group_rows: rows per L2 group (default: what fits _GROUP_L2_BYTES)."""
+    float16; t1 (N,) int64; lse (N,) from linear_lse_target (float64; any float dtype is taken); g (N,)
+    float32, 0.0 where the target is ignored. config and precision as in linear_lse_target (default
+    default_backward_config); group_rows: rows per L2 group (default: what fits _GROUP_L2_BYTES)."""
     h2, weight, lse, g, want_b = backward_inputs(h2, weight, bias, lse, g, want_b)
     (N, D), V = h2.shape, weight.shape[0]
     precision = default_precision(h2) if precision is None else precision
