@@ -4,8 +4,8 @@ contract). Neither ever writes a tile of logits, or of their gradient, to memory
 Forward. Each program owns BLOCK_M rows and one slice of the vocabulary. For every BLOCK_N columns of
 its slice it builds the (BLOCK_M, BLOCK_N) tile of logits with tl.dot over d in BLOCK_K steps; the
 tile lives in registers only, is folded into an online log-sum-exp in base 2, and is dropped:
-    ml = max(z) * log2(e),  s = sum(exp2(z * log2(e) - ml))   # per row, over the program's slice
-    lse = logsumexp over slices of (ml + log2(s)) * ln 2      # (N, SPLITS) -> (N,), float64, in torch
+    ml = max(z) * L,  s = sum(exp2(z * L - ml))              # per row, over the program's slice; L = log2(e)
+    lse = log2(sum over slices of 2^(ml + log2(s))) / L      # (N, SPLITS) -> (N,), float64, in torch
     z[target] = h[n] . W[target] (+ bias, softcapped)         # a separate small kernel, float32
 Per element of a tile that is one max, one fma, one exp2 and one add: no column mask (rows and the
 last tile's columns are clamped in bounds, and only that tile, peeled off the loop, masks), and no
