@@ -49,7 +49,7 @@ section env 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,
     python3 -c "import cut_cross_entropy, liger_kernel; print(\"cce and liger importable\")"'
 TAIL_LINES=30 section linear_tests 160 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_linear.py \
     tests/test_cuda.py -k linear
-TAIL_LINES=30 section linear_bf16 150 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 --modes fwd+bwd \
+TAIL_LINES=40 section linear_bf16 180 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 --modes fwd fwd+bwd \
     --methods lmloss "lmloss (atomic bwd)" "torch.compile(mm+F.ce)" cce liger ${GPU_CHECK_NO_COMPILE:+--no-compile}
 TAIL_LINES=20 section kl_stats_tests 90 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_kl.py \
     tests/test_token_stats.py
