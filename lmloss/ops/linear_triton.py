@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): the kernels' exponentials are exp2(z * LOG2E - shift)
 
 @triton.jit
 def _lse_tile(h_rows, w_ptr, b_ptr, v0, v_end, ml, s, D, stride_w, softcap,
@@ -80,10 +81,10 @@ def _lse_tile(h_rows, w_ptr, b_ptr, v0, v_end, ml, s, D, stride_w, softcap,
         z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
     if MASKED:
         z = tl.where(col_ok[None, :], z, float("-inf"))
-    # 2. online lse in base 2: s <- s * exp2(ml - ml_new) + sum(exp2(z * log2(e) - ml_new)), log2(e) as a
-    #    literal (a jit function reads no module globals); each exponent is one fma, not a subtract and a multiply
-    ml_new = tl.maximum(ml, tl.max(z, axis=1) * 1.4426950408889634)
-    s = s * tl.exp2(ml - ml_new) + tl.sum(tl.exp2(z * 1.4426950408889634 - ml_new[:, None]), axis=1)
+    # 2. online lse in base 2: s <- s * exp2(ml - ml_new) + sum(exp2(z * log2(e) - ml_new)); each exponent is
+    #    one fma, not a subtract and a multiply
+    ml_new = tl.maximum(ml, tl.max(z, axis=1) * LOG2E)
+    s = s * tl.exp2(ml - ml_new) + tl.sum(tl.exp2(z * LOG2E - ml_new[:, None]), axis=1)
     return ml_new, s
 
 
@@ -140,9 +141,9 @@ def _target_logit_kernel(h_ptr, w_ptr, b_ptr, t_ptr, out_ptr, N, V, D, stride_h,
     tl.store(out_ptr + rows64, tl.where(hit, acc, 0.0), mask=row_ok)
 
 
-# log2(e) as float32 holds it: the kernels' literal 1.4426950408889634 rounds to this when it multiplies a
-# float32, so the host scales lse by the same number and the kernels' exponents (z - lse) * L stay exact
-_LOG2E_F32 = float(torch.tensor(1 / math.log(2), dtype=torch.float32))
+# LOG2E as float32 holds it: what the kernels multiply a float32 by, so the host scales lse by the same
+# number and the kernels' exponents (z - lse) * L stay exact
+_LOG2E_F32 = float(torch.tensor(LOG2E.value, dtype=torch.float32))
 
 
 def _fp32_precision(device) -> str:
@@ -207,11 +208,11 @@ def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None, config=None, p
         PRECISION=precision, UPCAST=not h2.is_cuda, EVEN_K=D % block_k == 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     target_logit = torch.empty(N, dtype=torch.float32, device=h2.device)
-    block_r = 32 if h2.is_cuda else 16
-    block_k = min(128, triton.next_power_of_2(D)) if h2.is_cuda else 16
-    _target_logit_kernel[(triton.cdiv(N, block_r),)](
+    target_rows = 32 if h2.is_cuda else 16
+    target_k = min(128, triton.next_power_of_2(D)) if h2.is_cuda else 16
+    _target_logit_kernel[(triton.cdiv(N, target_rows),)](
         h2, weight, bias_arg, t1, target_logit, N, V, D, h2.stride(0), weight.stride(0), cap,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_R=target_rows, BLOCK_K=target_k,
         num_warps=4 if h2.is_cuda else 1)
     # each slice's shift ml is the value its exponents used, so only s's own rounding is left: lse in float64.
     # The tiles summed 2^(z L) = e^(z L ln 2) with L = log2(e) in float32, so the base-2 total is divided by L,
@@ -250,7 +251,7 @@ def _dz_tile(h_rows, w_rows, b_ptr, t_ptr, lse_ptr, g_ptr, rows64, cols, row_ok,
     lse2 = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows64, mask=row_ok, other=0.0)
     target = tl.load(t_ptr + rows64, mask=row_ok, other=-1).to(tl.int32)  # [0, V); ignored rows have g = 0
-    p = tl.exp2(z * 1.4426950408889634 - lse2[:, None])
+    p = tl.exp2(z * LOG2E - lse2[:, None])
     dz = p * g[:, None] + tl.where(cols[None, :] == target[:, None], (-g)[:, None], 0.0)  # one select, one fma
     if HAS_SOFTCAP:  # chain rule through the cap: 1 - tanh^2, tanh = z / softcap
         dz *= 1.0 - (z / softcap) * (z / softcap)
