@@ -223,14 +223,28 @@ def _rel_err(got, ref):
     return ((got.float() - ref).abs().max() / ref.abs().max()).item()
 
 
+def peak_and_time(step, h, w):
+    """-> (peak MiB allocated beyond what was allocated before one step(), triton.testing.do_bench's median
+    ms of step), each from h and w without gradients."""
+    from triton.testing import do_bench
+
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+    h.grad = w.grad = None
+    return peak_mib, do_bench(step, grad_to_none=[h, w], return_mode="median")
+
+
 def run_cuda(args, emit):
     """Forward and forward+backward on the GPU: lmloss (Triton forward and backward) against the
     logits paths, a torch.compile'd matmul + CE, Cut Cross-Entropy and Liger-Kernel (when
     importable). Each method's full-size loss is first checked against a float64 sum, and its
     gradients against float32 ones; time is triton.testing.do_bench's median; memory is the peak
     allocated beyond the inputs (the gradients included, for every method alike)."""
-    from triton.testing import do_bench
-
     dtype = getattr(torch, args.dtype)
     methods = cuda_methods(args)
     tol = 1e-4 if dtype == torch.float32 else 2e-3  # relative, on the sum over N tokens
@@ -262,15 +276,7 @@ def run_cuda(args, emit):
                     grad_err = None
                     if mode == "fwd+bwd":
                         grad_err = max(_rel_err(h.grad, ref_dh), _rel_err(w.grad, ref_dw))
-                    h.grad = w.grad = None
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    before = torch.cuda.memory_allocated()
-                    step()
-                    torch.cuda.synchronize()
-                    peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
-                    h.grad = w.grad = None
-                    time_ms = do_bench(step, grad_to_none=[h, w], return_mode="median")
+                    peak_mib, time_ms = peak_and_time(step, h, w)
                     ok = rel <= tol and (grad_err is None or grad_err <= grad_tol)
                     times[name, mode] = (time_ms, peak_mib, ok)
                     emit(dict(op=f"linear_cross_entropy {mode}", impl=name, dtype=args.dtype, N=args.N,

@@ -16,7 +16,8 @@
 # starve the rest of its log. First the fused linear cross-entropy's Triton backward: its CUDA tests, the
 # bf16 forward+backward benchmark (lmloss vs torch.compile vs CCE vs Liger at V=50257 and 262144, with
 # peak memory beyond the gradients as a share of the logits), its tile sweep; then everything else.
-# GPU_CHECK_SECTIONS="tests linear_bf16" runs only those; GPU_CHECK_NO_COMPILE=1 leaves out torch.compile.
+# GPU_CHECK_SECTIONS="tests linear_bf16" runs only those; GPU_CHECK_NO_COMPILE=1 leaves out torch.compile;
+# GPU_CHECK_EVAL_ARGS replaces eval_e2e's options (default "--batch-sizes default,64").
 set -u
 OUT=${OUT:-/tmp/lmloss-gpu}
 mkdir -p "$OUT"
@@ -51,6 +52,10 @@ TAIL_LINES=30 section linear_tests 160 python3 -m pytest -q -p no:cacheprovider 
     tests/test_cuda.py -k linear
 TAIL_LINES=40 section linear_bf16 180 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 --modes fwd fwd+bwd \
     --methods lmloss "lmloss (atomic bwd)" "torch.compile(mm+F.ce)" cce liger ${GPU_CHECK_NO_COMPILE:+--no-compile}
+# The chunked backward's chunk width: GPU time against the host's time per call, and forward+backward against
+# torch.compile, at N=8192 (V=50257, 262144) and N=2048 (V=50257, no torch.compile)
+TAIL_LINES=40 section linear_chunks 170 bash -c "python3 scripts/bench_linear_chunks.py ${GPU_CHECK_NO_COMPILE:+--no-compile} &&
+    python3 scripts/bench_linear_chunks.py --N 2048 --vocab 50257 --divisors 32 20 8 4 --no-compile"
 TAIL_LINES=20 section kl_stats_tests 90 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_kl.py \
     tests/test_token_stats.py
 TAIL_LINES=20 section linear_bwd_tiles 60 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 \
@@ -58,7 +63,7 @@ TAIL_LINES=20 section linear_bwd_tiles 60 python3 scripts/bench_linear_nll.py --
 # Issue #14 item 4: lmloss against lm-eval's HFLM (bf16, batch_size auto) end to end, GPT-2-small-shaped random
 # model built on the card, all 62 WikiText-2 pages; bf16 timed, then fp32 parity. Needs lm_eval and its needs in
 # .whl/ (scripts/bench_eval_gpu.py's docstring says how). About 2-3 minutes on an H100 (estimated).
-TAIL_LINES=45 section eval_e2e 300 python3 scripts/bench_eval_gpu.py --batch-sizes default,64 \
+TAIL_LINES=45 section eval_e2e 300 python3 scripts/bench_eval_gpu.py ${GPU_CHECK_EVAL_ARGS:---batch-sizes default,64} \
     --json "$OUT/eval_e2e.json"
 # The chunked backward's dz-kernel tiles and chunk widths (lmloss/ops/linear_triton_chunks.py's defaults come from here).
 TAIL_LINES=20 section linear_chunk_tiles 75 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 \

@@ -536,6 +536,21 @@ _TRITON_BACKWARD_SCRIPT = textwrap.dedent("""
 """)
 
 
+def test_default_chunk_cols():
+    """The chunked backward's default chunk width: all of V or a multiple of the tile width; the dz buffer
+    under 5% of the logits at issue #14's shapes (the widths timed there); N x cols >= 2^24 entries wherever
+    V allows, so that small N does not leave the GPU waiting for the host's loop."""
+    ltc = pytest.importorskip("lmloss.ops.linear_triton_chunks")
+    assert ltc.default_chunk_cols(8192, 50257, 128) == 2432 < 0.05 * 50257  # 4.8% of the logits
+    assert ltc.default_chunk_cols(8192, 262144, 128) == 13056 < 0.05 * 262144
+    assert ltc.default_chunk_cols(2048, 50257, 128) == 8192  # 2^24 / 2048: wider than V / 20
+    for N, V, bn in [(16384, 128256, 128), (512, 50257, 64), (40, 300, 32), (1, 7, 16), (3000, 5000, 32)]:
+        cols = ltc.default_chunk_cols(N, V, bn)
+        assert 0 < cols <= V and (cols == V or cols % bn == 0)
+        assert N * cols >= min(N * V, 1 << 24)
+        assert cols <= max(V // 20, -(-(1 << 24) // N) + bn)
+
+
 def test_triton_backward_in_interpreter():
     """The Triton backward on the CPU (TRITON_INTERPRET=1) against float64 autograd of
     F.cross_entropy(h @ W.T + b, t): dh, dW, dbias with softcap, ignore_index (a real token id

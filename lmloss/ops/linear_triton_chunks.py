@@ -16,8 +16,11 @@ them rounded to the inputs' dtype as torch's own backward rounds it; float32 inp
 Cost: the 3 products of N x V x d (the tile rebuild, dW, dh), one write and two reads of the dz chunk in
 the inputs' dtype, and N x d float32 read and written per chunk for dh (twice that, and a temporary,
 without the in-place accumulation).
-Memory beyond the gradients: the dz buffer, N x cols in the inputs' dtype: cols = V / 32 rounded down
-to the tile width, so about 3% of the logits; plus the N x d float32 accumulator of dh.
+Memory beyond the gradients: the dz buffer, N x cols in the inputs' dtype (default_chunk_cols: under 5% of the
+logits from N = 2^24 / (V / 20) rows on, e.g. N=8192 with V=50257 or 262144; more below that, at most 32 MiB
+in bf16); plus the N x d float32 accumulator of dh.
+The host: per chunk one Triton launch and two or three cuBLAS calls, about 90-130 us of Python on an H200's
+host; a chunk narrower than that much GPU work leaves the GPU waiting (scripts/bench_linear_chunks.py).
 Deterministic: no atomics except dbias's (bias only). Tested on the CPU with TRITON_INTERPRET=1.
 """
 import torch
@@ -27,7 +30,8 @@ import triton.language as tl
 from lmloss.ops import _mm
 from lmloss.ops.linear_triton import _dz_tile, backward_inputs, default_precision
 
-_CHUNKS = 32  # the dz buffer holds about V / _CHUNKS columns: ~3% of the logits
+_CHUNK_DIVISOR = 20  # chunks of V / 20 columns: the dz buffer under 5% of the logits (issue #14's budget) ...
+_MIN_CHUNK_ELEMS = 1 << 24  # ... or of 2^24 / N columns where that is more: enough GPU work per chunk
 
 
 @triton.jit
@@ -68,40 +72,58 @@ def default_chunk_config(h2) -> tuple[int, int, int, int, int]:
     return 64, 64, 32, 4, 2
 
 
+def default_chunk_cols(N: int, V: int, block_n: int) -> int:
+    """Vocabulary entries per chunk: V / 20 rounded down to the tile width block_n, so that the dz buffer
+    (N x cols) is under 5% of the logits; but at least 2^24 / N rounded up to it (N x cols >= 2^24 entries,
+    32 MiB in bf16), so that a chunk's GPU work outlasts the host's ~100 us per chunk at small N; at most V.
+    Timed on an H200 (2026-11-27, scripts/bench_linear_chunks.py, bf16, d=768), forward+backward against
+    torch.compile(mm + F.cross_entropy) in the same run: N=8192, V=50257: 5.72 ms (1.28x; V/24: 1.21x, V/16:
+    1.17x at 6.1% of the logits, V/32 as before: 1.25x); V=262144: 25.43 ms (1.13x; V/32: 1.16x). N=2048,
+    V=50257: V/32 4.47 ms and V/20 3.78 ms, host-bound (host time per call = GPU time), V/8 2.62 ms, V/4
+    2.16 ms; this rule takes 8192 columns there."""
+    share = V // _CHUNK_DIVISOR // block_n * block_n
+    work = triton.cdiv(triton.cdiv(_MIN_CHUNK_ELEMS, max(1, N)), block_n) * block_n
+    return min(V, max(block_n, share, work))
+
+
 def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h=True, want_w=True,
                            want_b=False, chunk_cols=None, config=None, precision=None):
     """-> (dh, dW, dbias): the same contract and result as linear_triton.linear_backward (gradients of
     sum(g * nll), returned in the inputs' dtypes, None where not wanted), computed by vocabulary
-    chunks (module docstring). chunk_cols: vocabulary entries per chunk (default about V / 32, a
-    multiple of the tile width); config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the dz
+    chunks (module docstring). chunk_cols: vocabulary entries per chunk (default default_chunk_cols);
+    config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the dz
     kernel, default default_chunk_config(h2)."""
     h2, weight, lse, g, want_b = backward_inputs(h2, weight, bias, lse, g, want_b)
     (N, D), V = h2.shape, weight.shape[0]
     precision = default_precision(h2) if precision is None else precision
     block_m, block_n, block_k, warps, stages = default_chunk_config(h2) if config is None else config
     if chunk_cols is None:
-        chunk_cols = max(block_n, V // _CHUNKS // block_n * block_n)
+        chunk_cols = default_chunk_cols(N, V, block_n)
     chunk_cols = min(chunk_cols, V)
     dz = torch.empty(N, chunk_cols, dtype=h2.dtype, device=h2.device)  # (N, cols), reused
     dh = torch.zeros(N, D, dtype=torch.float32, device=h2.device) if want_h else None
     dw = torch.empty(V, D, dtype=weight.dtype, device=h2.device) if want_w else None
     db = torch.zeros(V, dtype=torch.float32, device=h2.device) if want_b else None
+    # what is the same for every chunk, taken once: the loop's host time per chunk (a Triton launch and two
+    # or three cuBLAS calls) must stay below the chunk's GPU time, or the GPU waits for the host
+    meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WANT_B=want_b,
+                PRECISION=precision, UPCAST=not h2.is_cuda,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    b_arg = bias if bias is not None else h2
+    cap = float(softcap) if softcap is not None else 1.0
+    row_blocks = triton.cdiv(N, block_m)
+    strides = (h2.stride(0), weight.stride(0), dz.stride(0))
     for c0 in range(0, V, chunk_cols):
         C = min(chunk_cols, V - c0)
         dz_c = dz[:, :C]  # (N, C), row stride chunk_cols
-        grid = (triton.cdiv(N, block_m), triton.cdiv(C, block_n))
-        _dz_chunk_kernel[grid](
-            h2, weight[c0:], bias if bias is not None else h2, t1, lse, g, dz_c,
-            db[c0:] if want_b else lse, N, C, D, c0, h2.stride(0), weight.stride(0), dz.stride(0),
-            float(softcap) if softcap is not None else 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WANT_B=want_b,
-            PRECISION=precision, UPCAST=not h2.is_cuda,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        _dz_chunk_kernel[(row_blocks, triton.cdiv(C, block_n))](
+            h2, weight[c0:], b_arg, t1, lse, g, dz_c, db[c0:] if want_b else lse, N, C, D, c0, *strides, cap,
+            **meta)
         if want_w:  # 2. this chunk's rows of dW: float32 straight into them, bf16/fp16 rounded once
             if dz.dtype == torch.float32:
                 torch.mm(dz_c.T, h2, out=dw[c0:c0 + C])
             else:
-                dw[c0:c0 + C] = _mm.product_f32(dz_c.T, h2)
+                dw[c0:c0 + C].copy_(_mm.product_f32(dz_c.T, h2))
         if want_h:  # 3. dh += dz @ W[c0:c1], float32, in place where torch can (addmm_ for float32)
             _mm.add_product_(dh, dz_c, weight[c0:c0 + C])
     cast = lambda acc, like: None if acc is None else acc.to(like.dtype)  # noqa: E731
