@@ -255,6 +255,12 @@ def open_hf(path: str, config: str | None, split: str | None, *, what: str):
         raise ValueError(f"{what}: no folder {local}; pass a folder of parquet, jsonl, csv or arrow files, or a "
                          "hub name such as allenai/c4")
     source = str(local) if local.is_dir() else path
+    if not local.is_dir():
+        from lmloss.hub import hub_reachable, unreachable_note
+
+        if not hub_reachable():  # streamed rows come from the hub; datasets would retry for ~20 s first
+            raise ValueError(f"datasets.load_dataset({source!r}, {config!r}, streaming=True) not tried: its rows "
+                             f"stream from the hub, and {unreachable_note()}")
     try:
         splits = datasets.load_dataset(source, config, streaming=True)
     except Exception as e:  # offline, unknown name, bad config, no data files: all end in one message

@@ -314,15 +314,19 @@ def _source(spec: str) -> tuple[str, dict, str]:
             raise ValueError(f"model {spec!r}: the local folder {path} has no config.json; pass a folder "
                              "written by save_pretrained (config.json and weights) or a .gguf file path")
         return str(path), {}, f"the local folder {path}"
+    from lmloss.hub import hub_reachable, unreachable_note
+
+    if not hub_reachable():  # the local cache only: without it transformers retries for ~50 s offline
+        return spec, {"local_files_only": True}, (f"the Hugging Face Hub name {spec!r} in the local cache only "
+                                                     f"({unreachable_note()})")
     return spec, {}, f"the Hugging Face Hub name {spec!r}"
 
 
 def _not_found(what: str, spec: str, tried: str, err: OSError) -> ValueError:
     """The error for a model transformers could not find: what was tried, and how to work offline."""
-    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
     first = (str(err).splitlines() or [type(err).__name__])[0]
     return ValueError(
-        f"could not {what} {spec!r}: tried {tried}{offline} and got: {first}\n"
+        f"could not {what} {spec!r}: tried {tried} and got: {first}\n"
         "Offline, pass a local folder with config.json and weights or a .gguf file path "
         "(e.g. path/to/SmolLM2-135M-Instruct.Q4_1.gguf), and set HF_HUB_OFFLINE=1 to skip the hub."
     )

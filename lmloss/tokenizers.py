@@ -292,11 +292,15 @@ def _load_tiktoken(name: str) -> TiktokenTokenizer:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_hf(name_or_folder: str, gguf_file: str | None, name: str | None = None) -> HFTokenizer:
-    """AutoTokenizer.from_pretrained, cached: a GGUF tokenizer takes seconds to rebuild."""
+def _load_hf(name_or_folder: str, gguf_file: str | None, name: str | None = None, *,
+             local_files_only: bool = False) -> HFTokenizer:
+    """AutoTokenizer.from_pretrained, cached: a GGUF tokenizer takes seconds to rebuild. local_files_only:
+    a hub name from the local cache only (the hub did not answer: lmloss.hub)."""
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if local_files_only:
+        kwargs["local_files_only"] = True
     hf = AutoTokenizer.from_pretrained(name_or_folder, **kwargs)
     return HFTokenizer(hf, name=name or gguf_file or Path(name_or_folder).name or name_or_folder)
 
@@ -371,13 +375,17 @@ def load_tokenizer(spec, *, cache: bool = True) -> Tokenizer:
             hint = "" if _TOKENIZER_FILES_HINT in str(e) else " " + _TOKENIZER_FILES_HINT
             raise ValueError(f"{spec!r} is a folder but holds no usable tokenizer (it holds {found}): "
                              f"{type(e).__name__}: {e}{hint}") from e
+    from lmloss.hub import hub_reachable, unreachable_note
+
+    reachable = hub_reachable()  # without it transformers retries for ~50 s offline before its error
     try:
-        return _load_hf(spec, None)
+        return _load_hf(spec, None, local_files_only=not reachable)
     except Exception as e:
+        why = "" if reachable else f"; {unreachable_note()}, so only the local cache was tried"
         raise ValueError(
             f"unknown tokenizer {spec!r}: it is not a tiktoken encoding ({', '.join(TIKTOKEN_NAMES)}), "
             f"not an existing folder or .gguf file, and the Hugging Face hub could not load it "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). " + _OFFLINE_HINT
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{why}). " + _OFFLINE_HINT
         ) from e
 
 

@@ -372,8 +372,9 @@ def test_hf_errors_say_what_came_and_the_fix(tmp_path):
 
 
 def test_hf_hub_name_offline_says_what_was_tried():
-    with pytest.raises(ValueError, match=r"datasets.load_dataset\('allenai/c4', 'en', streaming=True\) failed: "
-                                         r"ConnectionError: .*(offline|Offline)"):
+    # offline mode (tests/conftest.py): not tried at all (lmloss.hub), rather than datasets' retries
+    with pytest.raises(ValueError, match=r"datasets.load_dataset\('allenai/c4', 'en', streaming=True\) not tried: "
+                                         r"its rows stream from the hub, and offline mode is set"):
         load_corpus("hf:allenai/c4:en:validation:text", limit=1)
 
 
