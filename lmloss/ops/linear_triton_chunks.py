@@ -91,8 +91,8 @@ def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h
     """-> (dh, dW, dbias): the same contract and result as linear_triton.linear_backward (gradients of
     sum(g * nll), returned in the inputs' dtypes, None where not wanted), computed by vocabulary
     chunks (module docstring). chunk_cols: vocabulary entries per chunk (default default_chunk_cols);
-    config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the dz
-    kernel, default default_chunk_config(h2)."""
+    config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the dz kernel, default
+    default_chunk_config(h2)."""
     h2, weight, lse, g, want_b = backward_inputs(h2, weight, bias, lse, g, want_b)
     (N, D), V = h2.shape, weight.shape[0]
     precision = default_precision(h2) if precision is None else precision
