@@ -239,6 +239,22 @@ def test_word_count_is_lm_evals_split_without_the_list(text):
     assert Document(text).n_words == len(re.split(r"\s+", text))
 
 
+@given(st.text(alphabet="ab é\n\t\r\u3000\x1c\u2028\x85\xa0\u200b\ufeff", max_size=40),
+       st.sampled_from([1, 2, 3, 5, 1 << 20]))
+def test_word_counts_block_by_block_are_the_regex_counts(text, block):
+    """Both word rules, counted with str.split in blocks of `block` characters (words and whitespace runs
+    cut by a block's end put back together), against the regex counts they stand for."""
+    import lmloss.data as data
+
+    saved, data._WORD_BLOCK = data._WORD_BLOCK, block
+    try:
+        assert data._lm_eval_words(text) == len(re.split(r"\s+", text))
+        lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+        assert data._ptb_words(text) == len(re.findall(r"\S+", text)) + lines
+    finally:
+        data._WORD_BLOCK = saved
+
+
 # -- Document word rules ------------------------------------------------------------------------------
 
 PTB_SAMPLE = (" no it was n't black monday \n"
