@@ -48,12 +48,15 @@ def hub_reachable() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _connects(url: str, timeout: float) -> bool:
-    parts = urlsplit(url)
-    if not parts.hostname:
-        return True  # not an address this probe understands: let the libraries try it
-    port = parts.port or (80 if parts.scheme == "http" else 443)
     try:
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or (80 if parts.scheme == "http" else 443)
+    except ValueError:  # "http://[::1", "http://host:port"
+        host = None
+    if not host:
+        return True  # not an address this probe understands: let the libraries try it, and say what is wrong
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
     except OSError:  # no DNS, refused, unreachable, timed out
         return False
     return True

@@ -50,6 +50,10 @@ def test_probe_follows_hf_endpoint(probe, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example")
     hub.hub_reachable()
     assert probe.calls[-1][0] == ("hf-mirror.example", 443)
+    n = len(probe.calls)
+    for odd in ("hf-mirror.example", "http://[::1", "http://host:port"):  # not probed: the libraries say what is wrong
+        monkeypatch.setenv("HF_ENDPOINT", odd)
+        assert hub.hub_reachable() is True and len(probe.calls) == n
 
 
 @pytest.mark.parametrize("var, value, expected", [("HF_HUB_OFFLINE", "1", False), ("TRANSFORMERS_OFFLINE", "yes", False),
