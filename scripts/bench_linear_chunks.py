@@ -60,6 +60,12 @@ def main():
     p.add_argument("--divisors", type=int, nargs="+", default=[32, 24, 16, 12, 8],
                    help="chunk widths of about V / k vocabulary entries (rounded down to the tile width), "
                         "timed after lmloss's default width")
+    p.add_argument("--overlaps", nargs="+", default=["none"], choices=ltc.OVERLAPS,
+                   help="the backward's overlap modes, each timed at every width (\"chunks\": two buffers of half "
+                        "the width, the same memory)")
+    p.add_argument("--parts", action="store_true",
+                   help="also time the default width's backward without dh's product, without dW's, and with "
+                        "neither (the dz kernels alone), overlap none")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
     args = p.parse_args()
     from triton.testing import do_bench
@@ -70,7 +76,7 @@ def main():
     compiled = None if args.no_compile else torch.compile(
         lambda h, w, t: F.cross_entropy((h @ w.T).float(), t, reduction="sum"))
     lmloss_sum = lambda h, w, t: lmloss.linear_cross_entropy(h, w, t, reduction="sum")  # noqa: E731
-    default_cols = ltc.default_chunk_cols
+    default_cols, default_overlap = ltc.default_chunk_cols, ltc.OVERLAP
     for V in args.vocab:
         hidden, weight, targets = make_inputs(args.N, args.d, V, dtype, "cuda")
         logits_mib = args.N * V * dtype.itemsize / 2**20
@@ -92,15 +98,30 @@ def main():
         else:
             ref_dh = ref_dw = None
             print(f"--- V={V}: logits {logits_mib:.0f} MiB")
-        print(f"  {'width':>7s} {'cols':>6s} {'chunks':>6s} {'gpu ms':>8s} {'host ms':>8s} {'dz-only host':>12s} "
+        if args.parts:
+            def part(**kw):
+                return ltc.linear_backward_chunks(hidden, weight, targets, None, lse, g, overlap="none", **kw)
+            ms = {name: do_bench(lambda kw=kw: part(**kw), return_mode="median") for name, kw in (
+                ("all", {}), ("no dh", dict(want_h=False)), ("no dW", dict(want_w=False)),
+                ("dz only", dict(want_h=False, want_w=False)))}
+            print(f"  parts, default width, overlap none: whole {ms['all']:.2f} ms; dz kernels {ms['dz only']:.2f}, "
+                  f"+dW {ms['no dh'] - ms['dz only']:.2f}, +dh {ms['no dW'] - ms['dz only']:.2f} ms")
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    part()
+                torch.cuda.synchronize()
+            print("  the GPU's kernels in 3 backward calls (torch.profiler; names say the tiles cuBLAS chose):")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=90))
+        print(f"  {'width':>7s} {'overlap':>8s} {'cols':>6s} {'chunks':>6s} {'gpu ms':>8s} {'host ms':>8s} {'dz-only host':>12s} "
               f"{'host/chunk':>10s} {'fwd+bwd ms':>10s} {'vs compile':>10s} {'peak MiB':>9s} {'dz % logits':>11s}"
               f" {'grad err':>9s}")
         try:
-            for k in [None] + args.divisors:
+            for k, overlap in [(k, o) for k in [None] + args.divisors for o in args.overlaps]:
                 cols = (default_cols(args.N, V, block_n) if k is None
                         else min(V, max(block_n, V // k // block_n * block_n)))
                 ltc.default_chunk_cols = lambda N, V, block_n, cols=cols: cols  # noqa: E731 (for autograd's call)
-                chunks = -(-V // cols)
+                ltc.OVERLAP = overlap
+                chunks = -(-V // (cols if overlap != "chunks" else max(block_n, cols // 2 // block_n * block_n)))
 
                 def bwd(**kw):
                     return ltc.linear_backward_chunks(hidden, weight, targets, None, lse, g, **kw)
@@ -115,11 +136,11 @@ def main():
                 ratio = f"{ms / base_ms:.2f}x" if base_ms else "-"
                 dz_share = 100 * args.N * cols * dtype.itemsize / 2**20 / logits_mib
                 label = "default" if k is None else f"V/{k}"
-                print(f"  {label:>7s} {cols:6d} {chunks:6d} {gpu_ms:8.2f} {host_ms:8.2f} {dz_host_ms:12.2f} "
+                print(f"  {label:>7s} {overlap:>8s} {cols:6d} {chunks:6d} {gpu_ms:8.2f} {host_ms:8.2f} {dz_host_ms:12.2f} "
                       f"{1e3 * host_ms / chunks:8.0f}us {ms:10.2f} {ratio:>10s} {peak_mib:9.1f} {dz_share:10.1f}%"
                       f" {'-' if err is None else f'{err:.2g}':>9}")
         finally:
-            ltc.default_chunk_cols = default_cols
+            ltc.default_chunk_cols, ltc.OVERLAP = default_cols, default_overlap
         hidden = weight = targets = h = w = lse = ref_dh = ref_dw = None  # freed before the next size's inputs
         torch.cuda.empty_cache()
 

@@ -24,7 +24,8 @@ import lmloss.ops.triton_kernels as tk
 TOKEN_CONFIGS = [(b, w) for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16) if not (b == 1024 and w == 16)]
 LINEAR_CONFIGS = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     torch.bfloat16: [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
-                     (64, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 32, 8, 4)],
+                     (64, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 32, 8, 4),
+                     (256, 128, 64, 8, 4), (256, 128, 128, 8, 2), (256, 64, 64, 8, 3), (128, 256, 64, 8, 4)],
     torch.float32: [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 128, 32, 8, 3),
                     (64, 128, 32, 8, 3)],
 }
@@ -104,6 +105,8 @@ def main():
     p.add_argument("--V", type=int, default=50257)
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--out", help="append one JSON row per configuration to this file")
+    p.add_argument("--kernels", nargs="+", default=["linear", "token"], choices=["linear", "token"])
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_triton.py needs a CUDA GPU")
@@ -116,9 +119,10 @@ def main():
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    for dtype in (torch.bfloat16, torch.float32):
+    dtypes = [getattr(torch, name) for name in args.dtypes]
+    for dtype in dtypes if "linear" in args.kernels else []:
         tune_linear(args.N, args.d, args.V, dtype, emit)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes if "token" in args.kernels else []:
         tune_token(args.N, args.V, dtype, emit)
 
 

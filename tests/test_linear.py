@@ -253,6 +253,8 @@ def test_errors_are_clear(monkeypatch):
         lmloss.linear_token_nll(hidden, weight, targets.int())
     with pytest.raises(ValueError, match=r"in \[0, 50\)"):
         lmloss.linear_token_nll(hidden, weight, torch.tensor([1, 2, 50, 3]))
+    with pytest.raises(ValueError, match=r"in \[0, 50\) or ignore_index=-100, found -1"):
+        lmloss.linear_cross_entropy(hidden.requires_grad_(), weight, torch.tensor([1, -1, 2, 3]))
     with pytest.raises(ValueError, match="bias"):
         lmloss.linear_token_nll(hidden, weight, targets, bias=torch.zeros(49))
     with pytest.raises(ValueError, match="impl"):
@@ -551,6 +553,15 @@ def test_default_chunk_cols():
         assert cols <= max(V // 20, -(-(1 << 24) // N) + bn)
 
 
+def test_chunks_overlap_must_be_known():
+    """An unknown overlap mode of the chunked Triton backward is refused before any work, naming the modes."""
+    ltc = pytest.importorskip("lmloss.ops.linear_triton_chunks")
+    hidden, weight, _, targets = make(4, 8, 50)
+    lse = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"overlap must be one of \('none', 'products', 'chunks'\), got 'both'"):
+        ltc.linear_backward_chunks(hidden, weight, targets, None, lse, torch.ones(4), overlap="both")
+
+
 def test_triton_backward_in_interpreter():
     """The Triton backward on the CPU (TRITON_INTERPRET=1) against float64 autograd of
     F.cross_entropy(h @ W.T + b, t): dh, dW, dbias with softcap, ignore_index (a real token id
@@ -626,15 +637,37 @@ def test_logit_jumping_far_above_earlier_blocks(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backward", ["atomic", "chunks"])
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_bad_targets_on_cuda(impl):
+    """On CUDA the targets' range check is answered after the forward is queued (no sync before it): a
+    target at V, or negative and not ignore_index, still raises, for the loss and the per-token NLL, and
+    the same call with good targets then gives the float64 reference."""
+    hidden, weight, _, targets = (x.cuda() if x is not None else None for x in make(40, 32, 300))
+    for bad_value, first in ((300, 300), (-7, -7)):
+        bad = targets.clone()
+        bad[[5, 17]] = bad_value
+        with pytest.raises(ValueError, match=rf"in \[0, 300\) or ignore_index=-100, found {first}"):
+            lmloss.linear_token_nll(hidden, weight, bad, impl=impl)
+        with pytest.raises(ValueError, match=rf"found {first}"):
+            lmloss.linear_cross_entropy(hidden.clone().requires_grad_(), weight, bad, impl=impl)
+    got = lmloss.linear_token_nll(hidden, weight, targets, impl=impl)
+    torch.testing.assert_close(got.double(), reference_nll(hidden, weight, targets), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backward", ["atomic", "chunks", "chunks, overlap products", "chunks, overlap chunks"])
 @pytest.mark.parametrize("V", [50257, 262144])
 def test_triton_backward_on_cuda_at_scale(V, backward, monkeypatch):
     """bf16 N=8192, d=768: the Triton backward's dh and dW against float32 PyTorch (the float32
     logits' own gradient), no worse than bf16 PyTorch up to one bf16 ulp of the largest entry; two runs
-    agree to a bf16 ulp (the float32 atomics sum in a varying order). Both Triton backwards."""
-    from lmloss.ops import linear as lin
+    agree to a bf16 ulp (the float32 atomics sum in a varying order). Both Triton backwards, the chunked
+    one in each of its stream overlaps."""
+    from lmloss.ops import linear as lin, linear_triton_chunks as ltc
 
-    monkeypatch.setattr(lin, "TRITON_BACKWARD", backward)
+    monkeypatch.setattr(lin, "TRITON_BACKWARD", backward.split(",")[0])
+    if "overlap" in backward:
+        monkeypatch.setattr(ltc, "OVERLAP", backward.split()[-1])
     N, d = 8192, 768
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(N, d, device="cuda", generator=g).bfloat16()
@@ -667,16 +700,20 @@ def test_triton_backward_on_cuda_at_scale(V, backward, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backward", ["atomic", "chunks", "chunks, dh product then sum"])
+@pytest.mark.parametrize("backward", ["atomic", "chunks", "chunks, dh product then sum", "chunks, overlap products",
+                                      "chunks, overlap chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_backward_on_cuda_bias_softcap_random_grad(dtype, backward, monkeypatch):
     """d=768 (twelve BLOCK_K steps), bias, softcap 30, reduction="none" with a random upstream grad,
     against float64 autograd on the GPU; both Triton backwards, the chunked one also with dh summed
-    from separate products (where torch cannot add a bf16 product into float32 in place)."""
-    from lmloss.ops import _mm, linear as lin
+    from separate products (where torch cannot add a bf16 product into float32 in place), and in each
+    of its stream overlaps."""
+    from lmloss.ops import _mm, linear as lin, linear_triton_chunks as ltc
 
-    if backward.startswith("chunks,"):
+    if backward == "chunks, dh product then sum":
         monkeypatch.setattr(_mm, "has_addmm_f32", lambda device, dtype: False)
+    if "overlap" in backward:
+        monkeypatch.setattr(ltc, "OVERLAP", backward.split()[-1])
     monkeypatch.setattr(lin, "TRITON_BACKWARD", backward.split(",")[0])
     hidden, weight, b, targets = make(1000, 768, 50257, dtype=dtype, bias=True, n_ignored=9, scale=10.0)
     upstream = torch.rand(1000, dtype=torch.float64, device="cuda")

@@ -37,10 +37,12 @@ def linear_token_nll(hidden, weight, targets, *, bias=None, ignore_index=-100, s
     8192 rows (64 MiB) exists at a time (chunked path; the Triton path keeps its tiles on chip).
     impl: "auto" (Triton on CUDA when triton imports, else "chunked"), "chunked" (torch matmuls, any
     device) or "triton". Never writes to its inputs."""
-    h2, t1 = _check(hidden, weight, targets, bias, ignore_index, softcap)
+    h2, t1 = _check_shapes(hidden, weight, targets, bias, softcap)
+    verify = _targets_check(t1, weight.shape[0], ignore_index)
     with torch.no_grad():
         nll = _nll(*_forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl), t1,
                    ignore_index, h2.dtype)
+    verify()
     return nll.reshape(targets.shape)
 
 
@@ -58,8 +60,10 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
     from run to run: float32 rounding, not bitwise reproducible); "chunked" builds one 64 MiB tile
     at a time with torch matmuls (the CPU path; deterministic)."""
     check_reduction(reduction)
-    h2, t1 = _check(hidden, weight, targets, bias, ignore_index, softcap)
+    h2, t1 = _check_shapes(hidden, weight, targets, bias, softcap)
+    verify = _targets_check(t1, weight.shape[0], ignore_index)
     nll = _LinearNLL.apply(h2, weight, bias, t1, ignore_index, softcap, chunk_size, impl)
+    verify()
     return reduce_nll(nll.reshape(targets.shape), targets, ignore_index, reduction)
 
 
@@ -92,6 +96,44 @@ class _LinearNLL(torch.autograd.Function):
 
 def _check(hidden, weight, targets, bias, ignore_index, softcap):
     """Validate the inputs; return hidden as (N, d) and targets as (N,)."""
+    h2, t1 = _check_shapes(hidden, weight, targets, bias, softcap)
+    _targets_check(t1, weight.shape[0], ignore_index)()
+    return h2, t1
+
+
+def _targets_check(t1, V, ignore_index):
+    """-> verify(): raises ValueError unless every target is in [0, V) or ignore_index. On the CPU the
+    check is made here and verify does nothing. On CUDA the check's kernels are queued here and their
+    one-bool answer copied to pinned host memory; verify waits for that copy only, so called after the
+    forward's kernels are queued, the GPU never idles for it (a check before the forward would hold the
+    host until the GPU finished everything queued before, then leave the GPU idle while the host queues
+    the forward). The kernels never read out of bounds with a bad target (they treat it as ignored), and
+    verify runs before any result is returned."""
+    bad = (t1 != ignore_index) & ((t1 < 0) | (t1 >= V))
+
+    def fail():
+        first = int(t1[bad][0])
+        raise ValueError(f"targets must be in [0, {V}) or ignore_index={ignore_index}, "
+                         f"found {first}; the tokenizer and the output head disagree")
+
+    if not t1.is_cuda:
+        if bool(bad.any()):
+            fail()
+        return lambda: None
+    answer = torch.empty((), dtype=torch.bool, pin_memory=True)
+    answer.copy_(bad.any(), non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def verify():
+        done.synchronize()
+        if bool(answer):
+            fail()
+    return verify
+
+
+def _check_shapes(hidden, weight, targets, bias, softcap):
+    """Validate the inputs but the targets' range (_targets_check); return hidden as (N, d) and targets as (N,)."""
     for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if x is not None and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
@@ -118,14 +160,7 @@ def _check(hidden, weight, targets, bias, ignore_index, softcap):
         raise ValueError("hidden, weight, bias and targets must be on one device")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
-    t1 = targets.reshape(-1)
-    V = weight.shape[0]
-    bad = (t1 != ignore_index) & ((t1 < 0) | (t1 >= V))
-    if bool(bad.any()):
-        first = int(t1[bad][0])
-        raise ValueError(f"targets must be in [0, {V}) or ignore_index={ignore_index}, "
-                         f"found {first}; the tokenizer and the output head disagree")
-    return hidden.reshape(-1, hidden.shape[-1]), t1
+    return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
 
 
 def _forward(h2, weight, t1, bias, ignore_index, softcap, chunk_size, impl):

@@ -30,6 +30,13 @@ import triton.language as tl
 from lmloss.ops import _mm
 from lmloss.ops.linear_triton import _dz_tile, backward_inputs, default_precision
 
+# How the chunks' kernels share the GPU (linear_backward_chunks's overlap=): "none", all on the caller's stream;
+# "products", dW's product on a side stream beside dh's; "chunks", two dz buffers of half the width, the next
+# chunk's dz kernel beside this chunk's products (on a side stream). Read at each call.
+OVERLAP = "none"
+OVERLAPS = ("none", "products", "chunks")
+_side_streams: dict = {}  # device index -> the side stream, made once
+
 _CHUNK_DIVISOR = 20  # chunks of V / 20 columns: the dz buffer under 5% of the logits (issue #14's budget) ...
 _MIN_CHUNK_ELEMS = 1 << 24  # ... or of 2^24 / N columns where that is more: enough GPU work per chunk
 
@@ -86,21 +93,37 @@ def default_chunk_cols(N: int, V: int, block_n: int) -> int:
     return min(V, max(block_n, share, work))
 
 
+def _side_stream(device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
+
+
 def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h=True, want_w=True,
-                           want_b=False, chunk_cols=None, config=None, precision=None):
+                           want_b=False, chunk_cols=None, config=None, precision=None, overlap=None):
     """-> (dh, dW, dbias): the same contract and result as linear_triton.linear_backward (gradients of
     sum(g * nll), returned in the inputs' dtypes, None where not wanted), computed by vocabulary
-    chunks (module docstring). chunk_cols: vocabulary entries per chunk (default default_chunk_cols);
+    chunks (module docstring). chunk_cols: vocabulary entries per chunk (default default_chunk_cols;
+    half of it with overlap="chunks", whose two buffers then take the memory of one);
     config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the dz kernel, default
-    default_chunk_config(h2)."""
+    default_chunk_config(h2); overlap: one of OVERLAPS (default OVERLAP), "none" off CUDA."""
     h2, weight, lse, g, want_b = backward_inputs(h2, weight, bias, lse, g, want_b)
     (N, D), V = h2.shape, weight.shape[0]
     precision = default_precision(h2) if precision is None else precision
     block_m, block_n, block_k, warps, stages = default_chunk_config(h2) if config is None else config
+    overlap = OVERLAP if overlap is None else overlap
+    if overlap not in OVERLAPS:
+        raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
+    if not h2.is_cuda:
+        overlap = "none"
+    n_buffers = 2 if overlap == "chunks" else 1
     if chunk_cols is None:
         chunk_cols = default_chunk_cols(N, V, block_n)
+        if n_buffers == 2:
+            chunk_cols = max(block_n, chunk_cols // 2 // block_n * block_n)
     chunk_cols = min(chunk_cols, V)
-    dz = torch.empty(N, chunk_cols, dtype=h2.dtype, device=h2.device)  # (N, cols), reused
+    dzs = [torch.empty(N, chunk_cols, dtype=h2.dtype, device=h2.device) for _ in range(n_buffers)]  # reused
     dh = torch.zeros(N, D, dtype=torch.float32, device=h2.device) if want_h else None
     dw = torch.empty(V, D, dtype=weight.dtype, device=h2.device) if want_w else None
     db = torch.zeros(V, dtype=torch.float32, device=h2.device) if want_b else None
@@ -112,19 +135,57 @@ def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h
     b_arg = bias if bias is not None else h2
     cap = float(softcap) if softcap is not None else 1.0
     row_blocks = triton.cdiv(N, block_m)
-    strides = (h2.stride(0), weight.stride(0), dz.stride(0))
-    for c0 in range(0, V, chunk_cols):
+    strides = (h2.stride(0), weight.stride(0), chunk_cols)
+
+    def dw_product(dz_c, c0, C):  # 2. this chunk's rows of dW: float32 straight into them, bf16/fp16 rounded once
+        if dz_c.dtype == torch.float32:
+            torch.mm(dz_c.T, h2, out=dw[c0:c0 + C])
+        else:
+            dw[c0:c0 + C].copy_(_mm.product_f32(dz_c.T, h2))
+
+    def dh_product(dz_c, c0, C):  # 3. dh += dz @ W[c0:c1], float32, in place where torch can (addmm_ for float32)
+        _mm.add_product_(dh, dz_c, weight[c0:c0 + C])
+
+    if overlap != "none":
+        # The side stream waits for each dz kernel; the caller's stream (main) waits for the side's products
+        # before a dz buffer is written again, and for all of them before returning, so every tensor made
+        # here is last used in the caller's stream's order (the caching allocator's rule).
+        main, side = torch.cuda.current_stream(h2.device), _side_stream(h2.device)
+        ready, freed = torch.cuda.Event(), [torch.cuda.Event() for _ in range(n_buffers)]
+        side.wait_stream(main)  # the inputs and zeroed accumulators, as the caller's stream left them
+    for i, c0 in enumerate(range(0, V, chunk_cols)):
         C = min(chunk_cols, V - c0)
-        dz_c = dz[:, :C]  # (N, C), row stride chunk_cols
+        b = i % n_buffers
+        dz_c = dzs[b][:, :C]  # (N, C), row stride chunk_cols
+        if overlap == "chunks" and i >= n_buffers:
+            main.wait_event(freed[b])  # this buffer's previous chunk's products are done
         _dz_chunk_kernel[(row_blocks, triton.cdiv(C, block_n))](
             h2, weight[c0:], b_arg, t1, lse, g, dz_c, db[c0:] if want_b else lse, N, C, D, c0, *strides, cap,
             **meta)
-        if want_w:  # 2. this chunk's rows of dW: float32 straight into them, bf16/fp16 rounded once
-            if dz.dtype == torch.float32:
-                torch.mm(dz_c.T, h2, out=dw[c0:c0 + C])
-            else:
-                dw[c0:c0 + C].copy_(_mm.product_f32(dz_c.T, h2))
-        if want_h:  # 3. dh += dz @ W[c0:c1], float32, in place where torch can (addmm_ for float32)
-            _mm.add_product_(dh, dz_c, weight[c0:c0 + C])
+        if overlap == "none":
+            if want_w:
+                dw_product(dz_c, c0, C)
+            if want_h:
+                dh_product(dz_c, c0, C)
+            continue
+        ready.record(main)
+        side.wait_event(ready)
+        if overlap == "products":  # dW's product on the side, dh's on main, at the same time
+            with torch.cuda.stream(side):
+                if want_w:
+                    dw_product(dz_c, c0, C)
+                freed[0].record(side)
+            if want_h:
+                dh_product(dz_c, c0, C)
+            main.wait_event(freed[0])  # before the next dz kernel writes the buffer
+        else:  # "chunks": both products on the side while main's next dz kernel fills the other buffer
+            with torch.cuda.stream(side):
+                if want_w:
+                    dw_product(dz_c, c0, C)
+                if want_h:
+                    dh_product(dz_c, c0, C)
+                freed[b].record(side)
+    if overlap != "none":
+        main.wait_stream(side)
     cast = lambda acc, like: None if acc is None else acc.to(like.dtype)  # noqa: E731
     return cast(dh, h2), dw, cast(db, bias)
