@@ -18,7 +18,7 @@
 # peak memory beyond the gradients as a share of the logits), its tile sweep; then everything else.
 # GPU_CHECK_SECTIONS="tests linear_bf16" runs only those; GPU_CHECK_NO_COMPILE=1 leaves out torch.compile;
 # GPU_CHECK_EVAL_ARGS replaces eval_e2e's options (default "--batch-sizes default,64"); GPU_CHECK_TESTS_K replaces
-# linear_tests' -k filter (default "linear"). linear_overlap and tune_linear run only when named in GPU_CHECK_SECTIONS.
+# linear_tests' -k filter (default "linear").
 set -u
 OUT=${OUT:-/tmp/lmloss-gpu}
 mkdir -p "$OUT"
@@ -49,7 +49,7 @@ section env 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,
     python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__,
     torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")";
     python3 -c "import cut_cross_entropy, liger_kernel; print(\"cce and liger importable\")"'
-TAIL_LINES=30 section linear_tests 160 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_linear.py \
+TAIL_LINES=30 section linear_tests 200 python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_linear.py \
     tests/test_cuda.py -k "${GPU_CHECK_TESTS_K:-linear}"
 TAIL_LINES=40 section linear_bf16 180 python3 scripts/bench_linear_nll.py --device cuda --dtype bfloat16 --modes fwd fwd+bwd \
     --methods lmloss "lmloss (atomic bwd)" "torch.compile(mm+F.ce)" cce liger ${GPU_CHECK_NO_COMPILE:+--no-compile}
@@ -57,13 +57,16 @@ TAIL_LINES=40 section linear_bf16 180 python3 scripts/bench_linear_nll.py --devi
 # torch.compile, at N=8192 (V=50257, 262144) and N=2048 (V=50257, no torch.compile)
 TAIL_LINES=40 section linear_chunks 170 bash -c "python3 scripts/bench_linear_chunks.py ${GPU_CHECK_NO_COMPILE:+--no-compile} &&
     python3 scripts/bench_linear_chunks.py --N 2048 --vocab 50257 --divisors 32 20 8 4 --no-compile"
-# The same at N=8192 with the backward's stream overlaps side by side, and the time of its parts (dz kernels, dW's
-# and dh's products) with a kernel profile (section not in the default run's order of importance: name it)
-if [[ " ${GPU_CHECK_SECTIONS:-} " == *" linear_overlap "* ]]; then
-    TAIL_LINES=60 section linear_overlap 200 python3 scripts/bench_linear_chunks.py --overlaps none products chunks \
-        --divisors 16 --parts
+# The backward's parts at N=8192 (dz kernels, dW's and dh's products) and a profile of its kernels
+TAIL_LINES=40 section linear_parts 120 python3 scripts/bench_linear_chunks.py --divisors 16 --parts \
+    ${GPU_CHECK_NO_COMPILE:+--no-compile}
+# The chunked backward's dz kernel in each of its forms (linear_triton_chunks.DZ_KERNELS), side by side; only when named
+if [[ " ${GPU_CHECK_SECTIONS:-} " == *" linear_forms "* ]]; then
+    TAIL_LINES=40 section linear_forms 150 python3 scripts/bench_linear_chunks.py --dz-kernels tiles clamped persistent \
+        --divisors 16 ${GPU_CHECK_NO_COMPILE:+--no-compile}
 fi
-# The forward kernel's tiles (bf16 only; the full tune section below also sweeps float32 and token_nll)
+# The forward kernel's tiles (bf16 only; the full tune section below also sweeps float32 and token_nll); only
+# when named in GPU_CHECK_SECTIONS
 if [[ " ${GPU_CHECK_SECTIONS:-} " == *" tune_linear "* ]]; then
     TAIL_LINES=20 section tune_linear 90 python3 scripts/tune_triton.py --kernels linear --dtypes bfloat16
 fi

@@ -390,7 +390,7 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
     from lmloss.ops import linear_triton as lt, linear_triton_chunks as ltc
 
     ints = dict.fromkeys(("N", "V", "D", "C", "c0", "stride_h", "stride_w", "stride_dz", "cols_per_split",
-                          "n_splits"), "i32")
+                          "n_splits", "n_programs"), "i32")
     bf16 = dict(h_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", softcap="fp32", **ints)
     m, n, k, warps, stages = 256, 128, 64, 8, 3  # lt.default_config for bf16 on a GPU
     fwd = _compile_for_hopper(lt._linear_lse_kernel, dict(bf16, ml_ptr="*fp32", s_ptr="*fp32"),
@@ -415,10 +415,21 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
     _compile_for_hopper(lt._target_logit_kernel, dict(bf16, t_ptr="*i64", out_ptr="*fp32"),
                         dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_R=32, BLOCK_K=128), 4, 1)
     bm, bn, bk, w, st = 128, 128, 64, 8, 3  # ltc.default_chunk_config for bf16 on a GPU
-    _compile_for_hopper(ltc._dz_chunk_kernel, dict(bf16, t_ptr="*i64", lse_ptr="*fp32", g_ptr="*fp32",
-                                                   dz_ptr="*bf16", db_ptr="*fp32"),
-                        dict(HAS_BIAS=False, HAS_SOFTCAP=False, WANT_B=False, PRECISION="tf32", UPCAST=False,
-                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, st)
+    for form in ltc.DZ_KERNELS:  # each form of the dz kernel: wgmma, and no register spills
+        dz_kernel = _compile_for_hopper(
+            ltc._dz_chunk_kernel, dict(bf16, t_ptr="*i64", lse_ptr="*fp32", g_ptr="*fp32", dz_ptr="*bf16",
+                                       db_ptr="*fp32"),
+            dict(HAS_BIAS=False, HAS_SOFTCAP=False, WANT_B=False, PRECISION="tf32", UPCAST=False,
+                 CLAMPED=form != "tiles", EVEN_K=True, PERSISTENT=form == "persistent",
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, st)
+        assert "wgmma.mma_async" in dz_kernel.asm["ptx"], form
+        if nvdisasm.is_file():
+            cubin = tmp_path / f"dz_{form}.cubin"
+            cubin.write_bytes(dz_kernel.asm["cubin"])
+            sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True,
+                                  check=True).stdout
+            ops = {o.split(".")[0] for o in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)}
+            assert "HGMMA" in ops and not {"STL", "LDL"} & ops, (form, {"STL", "LDL"} & ops)
 
 
 _TRITON_BACKWARD_SCRIPT = textwrap.dedent("""
@@ -484,6 +495,13 @@ _TRITON_BACKWARD_SCRIPT = textwrap.dedent("""
                                              torch.where(keep, upstream[reduction], 0.0), softcap=softcap,
                                              want_b=bias, chunk_cols=32, config=config)
         chunked = list(chunked[:2]) + ([chunked[2]] if bias else [])
+        for form in ltc.DZ_KERNELS:  # the dz kernel's other forms compute the same tiles: the same bits
+            ltc.DZ_KERNEL = form
+            again = ltc.linear_backward_chunks(hidden, weight, targets, b, lse,
+                                               torch.where(keep, upstream[reduction], 0.0), softcap=softcap,
+                                               want_b=bias, chunk_cols=32, config=config)
+            ltc.DZ_KERNEL = "tiles"
+            assert all(torch.equal(x, y) for x, y in zip(chunked, again)), form
         assert all(torch.equal(x, y) for x, y in zip((hidden, weight, targets) + ((b,) if bias else ()), before))
         ref = grads64(hidden, weight, b, targets, softcap, reduction, g, ignore_index)
         plain = grads_torch(hidden, weight, b, targets, softcap, reduction, g, ignore_index)
@@ -551,15 +569,6 @@ def test_default_chunk_cols():
         assert 0 < cols <= V and (cols == V or cols % bn == 0)
         assert N * cols >= min(N * V, 1 << 24)
         assert cols <= max(V // 20, -(-(1 << 24) // N) + bn)
-
-
-def test_chunks_overlap_must_be_known():
-    """An unknown overlap mode of the chunked Triton backward is refused before any work, naming the modes."""
-    ltc = pytest.importorskip("lmloss.ops.linear_triton_chunks")
-    hidden, weight, _, targets = make(4, 8, 50)
-    lse = torch.zeros(4, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"overlap must be one of \('none', 'products', 'chunks'\), got 'both'"):
-        ltc.linear_backward_chunks(hidden, weight, targets, None, lse, torch.ones(4), overlap="both")
 
 
 def test_triton_backward_in_interpreter():
@@ -643,12 +652,12 @@ def test_bad_targets_on_cuda(impl):
     target at V, or negative and not ignore_index, still raises, for the loss and the per-token NLL, and
     the same call with good targets then gives the float64 reference."""
     hidden, weight, _, targets = (x.cuda() if x is not None else None for x in make(40, 32, 300))
-    for bad_value, first in ((300, 300), (-7, -7)):
+    for bad_value in (300, -7):
         bad = targets.clone()
         bad[[5, 17]] = bad_value
-        with pytest.raises(ValueError, match=rf"in \[0, 300\) or ignore_index=-100, found {first}"):
+        with pytest.raises(ValueError, match=rf"in \[0, 300\) or ignore_index=-100, found {bad_value}"):
             lmloss.linear_token_nll(hidden, weight, bad, impl=impl)
-        with pytest.raises(ValueError, match=rf"found {first}"):
+        with pytest.raises(ValueError, match=rf"found {bad_value}"):
             lmloss.linear_cross_entropy(hidden.clone().requires_grad_(), weight, bad, impl=impl)
     got = lmloss.linear_token_nll(hidden, weight, targets, impl=impl)
     torch.testing.assert_close(got.double(), reference_nll(hidden, weight, targets), rtol=1e-4, atol=1e-4)
@@ -656,18 +665,17 @@ def test_bad_targets_on_cuda(impl):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backward", ["atomic", "chunks", "chunks, overlap products", "chunks, overlap chunks"])
+@pytest.mark.parametrize("backward", ["atomic", "chunks", "chunks, clamped", "chunks, persistent"])
 @pytest.mark.parametrize("V", [50257, 262144])
 def test_triton_backward_on_cuda_at_scale(V, backward, monkeypatch):
     """bf16 N=8192, d=768: the Triton backward's dh and dW against float32 PyTorch (the float32
     logits' own gradient), no worse than bf16 PyTorch up to one bf16 ulp of the largest entry; two runs
     agree to a bf16 ulp (the float32 atomics sum in a varying order). Both Triton backwards, the chunked
-    one in each of its stream overlaps."""
+    one with each form of its dz kernel."""
     from lmloss.ops import linear as lin, linear_triton_chunks as ltc
 
     monkeypatch.setattr(lin, "TRITON_BACKWARD", backward.split(",")[0])
-    if "overlap" in backward:
-        monkeypatch.setattr(ltc, "OVERLAP", backward.split()[-1])
+    monkeypatch.setattr(ltc, "DZ_KERNEL", backward.split(", ")[1] if "," in backward else "tiles")
     N, d = 8192, 768
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(N, d, device="cuda", generator=g).bfloat16()
@@ -700,20 +708,20 @@ def test_triton_backward_on_cuda_at_scale(V, backward, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backward", ["atomic", "chunks", "chunks, dh product then sum", "chunks, overlap products",
-                                      "chunks, overlap chunks"])
+@pytest.mark.parametrize("backward", ["atomic", "chunks", "chunks, dh product then sum", "chunks, clamped",
+                                      "chunks, persistent"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_backward_on_cuda_bias_softcap_random_grad(dtype, backward, monkeypatch):
     """d=768 (twelve BLOCK_K steps), bias, softcap 30, reduction="none" with a random upstream grad,
     against float64 autograd on the GPU; both Triton backwards, the chunked one also with dh summed
-    from separate products (where torch cannot add a bf16 product into float32 in place), and in each
-    of its stream overlaps."""
+    from separate products (where torch cannot add a bf16 product into float32 in place), and with each
+    form of its dz kernel."""
     from lmloss.ops import _mm, linear as lin, linear_triton_chunks as ltc
 
     if backward == "chunks, dh product then sum":
         monkeypatch.setattr(_mm, "has_addmm_f32", lambda device, dtype: False)
-    if "overlap" in backward:
-        monkeypatch.setattr(ltc, "OVERLAP", backward.split()[-1])
+    elif backward.startswith("chunks,"):
+        monkeypatch.setattr(ltc, "DZ_KERNEL", backward.split(", ")[1])
     monkeypatch.setattr(lin, "TRITON_BACKWARD", backward.split(",")[0])
     hidden, weight, b, targets = make(1000, 768, 50257, dtype=dtype, bias=True, n_ignored=9, scale=10.0)
     upstream = torch.rand(1000, dtype=torch.float64, device="cuda")

@@ -225,18 +225,28 @@ def linear_lse_target(h2, weight, t1, bias=None, *, softcap=None, config=None, p
 @triton.jit
 def _dz_tile(h_rows, w_rows, b_ptr, t_ptr, lse_ptr, g_ptr, rows64, cols, row_ok, col_ok, D, softcap,
              HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             CLAMPED: tl.constexpr = False, EVEN_K: tl.constexpr = False):
     """The (BLOCK_M, BLOCK_N) tile of dz in float32, for both backwards. h_rows (BLOCK_M, 1) and w_rows
     (BLOCK_N, 1): row start pointers of h and W; cols: the tile's vocabulary ids (targets compare to them);
-    b_ptr + cols its bias entries."""
+    b_ptr + cols its bias entries. CLAMPED: the row pointers of rows past N and columns past V are clamped
+    in bounds by the caller, so the loads need no row or column mask (EVEN_K: nor a k mask, BLOCK_K divides
+    d); those rows and columns still come out 0."""
     cols64 = cols.to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     # 1. z = h @ W.T for this tile, exactly as the forward built it (fp32 accumulation)
     z = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_ok = (k0 + ks) < D
-        h = tl.load(h_rows + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_rows + (k0 + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if CLAMPED and EVEN_K:
+            h = tl.load(h_rows + (k0 + ks)[None, :])
+            w = tl.load(w_rows + (k0 + ks)[None, :])
+        elif CLAMPED:
+            h = tl.load(h_rows + (k0 + ks)[None, :], mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + (k0 + ks)[None, :], mask=k_ok[None, :], other=0.0)
+        else:
+            h = tl.load(h_rows + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + (k0 + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:  # interpreter only: its bf16 tl.dot multiplies bit patterns (triton-lang/triton#11584)
             h, w = h.to(tl.float32), w.to(tl.float32)
         z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION)

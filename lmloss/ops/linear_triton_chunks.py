@@ -23,6 +23,8 @@ The host: per chunk one Triton launch and two or three cuBLAS calls, about 90-13
 host; a chunk narrower than that much GPU work leaves the GPU waiting (scripts/bench_linear_chunks.py).
 Deterministic: no atomics except dbias's (bias only). Tested on the CPU with TRITON_INTERPRET=1.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -30,40 +32,78 @@ import triton.language as tl
 from lmloss.ops import _mm
 from lmloss.ops.linear_triton import _dz_tile, backward_inputs, default_precision
 
-# How the chunks' kernels share the GPU (linear_backward_chunks's overlap=): "none", all on the caller's stream;
-# "products", dW's product on a side stream beside dh's; "chunks", two dz buffers of half the width, the next
-# chunk's dz kernel beside this chunk's products (on a side stream). Read at each call.
-OVERLAP = "none"
-OVERLAPS = ("none", "products", "chunks")
-_side_streams: dict = {}  # device index -> the side stream, made once
-
 _CHUNK_DIVISOR = 20  # chunks of V / 20 columns: the dz buffer under 5% of the logits (issue #14's budget) ...
 _MIN_CHUNK_ELEMS = 1 << 24  # ... or of 2^24 / N columns where that is more: enough GPU work per chunk
 
 
 @triton.jit
-def _dz_chunk_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dz_ptr, db_ptr,
-                     N, C, D, c0, stride_h, stride_w, stride_dz, softcap,
-                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_B: tl.constexpr,
-                     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dz_chunk_tile(pid_m, pid_n, h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dz_ptr, db_ptr,
+                   N, C, D, c0, stride_h, stride_w, stride_dz, softcap,
+                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_B: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, CLAMPED: tl.constexpr, EVEN_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # w_ptr and db_ptr point at the chunk's first vocabulary entry, b_ptr at the whole bias; cols are chunk-local
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     col_ok = cols < C
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
+    if CLAMPED:  # rows past N and columns past C read row N - 1 and column C - 1: every load in bounds, no masks
+        h_rows = h_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_h
+        w_rows = w_ptr + tl.minimum(cols, C - 1).to(tl.int64)[:, None] * stride_w
+    else:
+        h_rows = h_ptr + rows64[:, None] * stride_h
+        w_rows = w_ptr + cols64[:, None] * stride_w
     # 1-2. the tile of logits as the forward built it, then dz (linear_triton._dz_tile); targets are
     #      vocabulary ids, so they compare to c0 + cols; rows past N and columns past C give 0
-    dz = _dz_tile(h_ptr + rows64[:, None] * stride_h, w_ptr + cols64[:, None] * stride_w, b_ptr, t_ptr,
-                  lse_ptr, g_ptr, rows64, cols + c0, row_ok, col_ok, D, softcap,
-                  HAS_BIAS, HAS_SOFTCAP, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    dz = _dz_tile(h_rows, w_rows, b_ptr, t_ptr, lse_ptr, g_ptr, rows64, cols + c0, row_ok, col_ok, D, softcap,
+                  HAS_BIAS, HAS_SOFTCAP, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, CLAMPED, EVEN_K)
     if WANT_B:
         tl.atomic_add(db_ptr + cols64, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
     # 3. the tile of dz, rounded once to the buffer's dtype (the inputs')
     tl.store(dz_ptr + rows64[:, None] * stride_dz + cols64[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _dz_chunk_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dz_ptr, db_ptr,
+                     N, C, D, c0, stride_h, stride_w, stride_dz, softcap, n_programs,
+                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_B: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr, CLAMPED: tl.constexpr, EVEN_K: tl.constexpr,
+                     PERSISTENT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of the chunk's dz per program (grid: row blocks x column blocks), or with
+    PERSISTENT n_programs programs (1-D grid) taking tiles n_programs apart, row blocks fastest, in one loop
+    that Triton flattens with the k loop, so that a tile's loads start while the tile before is in its
+    epilogue (exp2, the store)."""
+    if PERSISTENT:
+        n_row_blocks = tl.cdiv(N, BLOCK_M)
+        n_tiles = n_row_blocks * tl.cdiv(C, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), n_tiles, n_programs, flatten=True):
+            _dz_chunk_tile(tile % n_row_blocks, tile // n_row_blocks, h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr,
+                           dz_ptr, db_ptr, N, C, D, c0, stride_h, stride_w, stride_dz, softcap,
+                           HAS_BIAS, HAS_SOFTCAP, WANT_B, PRECISION, UPCAST, CLAMPED, EVEN_K,
+                           BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        _dz_chunk_tile(tl.program_id(0), tl.program_id(1), h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr,
+                       dz_ptr, db_ptr, N, C, D, c0, stride_h, stride_w, stride_dz, softcap,
+                       HAS_BIAS, HAS_SOFTCAP, WANT_B, PRECISION, UPCAST, CLAMPED, EVEN_K,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+# The dz kernel's form (timed against each other by scripts/bench_linear_chunks.py --kernels):
+#   "tiles"      one tile per program, loads masked at the edges (the form first timed, 2026-11-27)
+#   "clamped"    one tile per program, edge rows and columns clamped in bounds: no load masks
+#   "persistent" clamped, and one program per SM looping over the tiles (PERSISTENT_PER_SM programs per SM)
+DZ_KERNEL = "tiles"
+DZ_KERNELS = ("tiles", "clamped", "persistent")
+PERSISTENT_PER_SM = 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def default_chunk_config(h2) -> tuple[int, int, int, int, int]:
@@ -93,99 +133,64 @@ def default_chunk_cols(N: int, V: int, block_n: int) -> int:
     return min(V, max(block_n, share, work))
 
 
-def _side_stream(device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _side_streams:
-        _side_streams[index] = torch.cuda.Stream(device=index)
-    return _side_streams[index]
-
-
 def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h=True, want_w=True,
-                           want_b=False, chunk_cols=None, config=None, precision=None, overlap=None):
+                           want_b=False, chunk_cols=None, config=None, precision=None):
     """-> (dh, dW, dbias): the same contract and result as linear_triton.linear_backward (gradients of
     sum(g * nll), returned in the inputs' dtypes, None where not wanted), computed by vocabulary
-    chunks (module docstring). chunk_cols: vocabulary entries per chunk (default default_chunk_cols;
-    half of it with overlap="chunks", whose two buffers then take the memory of one);
+    chunks (module docstring). chunk_cols: vocabulary entries per chunk (default default_chunk_cols);
     config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the dz kernel, default
-    default_chunk_config(h2); overlap: one of OVERLAPS (default OVERLAP), "none" off CUDA."""
+    default_chunk_config(h2)."""
     h2, weight, lse, g, want_b = backward_inputs(h2, weight, bias, lse, g, want_b)
     (N, D), V = h2.shape, weight.shape[0]
     precision = default_precision(h2) if precision is None else precision
     block_m, block_n, block_k, warps, stages = default_chunk_config(h2) if config is None else config
-    overlap = OVERLAP if overlap is None else overlap
-    if overlap not in OVERLAPS:
-        raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
-    if not h2.is_cuda:
-        overlap = "none"
-    n_buffers = 2 if overlap == "chunks" else 1
     if chunk_cols is None:
         chunk_cols = default_chunk_cols(N, V, block_n)
-        if n_buffers == 2:
-            chunk_cols = max(block_n, chunk_cols // 2 // block_n * block_n)
     chunk_cols = min(chunk_cols, V)
-    dzs = [torch.empty(N, chunk_cols, dtype=h2.dtype, device=h2.device) for _ in range(n_buffers)]  # reused
+    dz = torch.empty(N, chunk_cols, dtype=h2.dtype, device=h2.device)  # (N, cols), reused
     dh = torch.zeros(N, D, dtype=torch.float32, device=h2.device) if want_h else None
     dw = torch.empty(V, D, dtype=weight.dtype, device=h2.device) if want_w else None
     db = torch.zeros(V, dtype=torch.float32, device=h2.device) if want_b else None
     # what is the same for every chunk, taken once: the loop's host time per chunk (a Triton launch and two
     # or three cuBLAS calls) must stay below the chunk's GPU time, or the GPU waits for the host
+    if DZ_KERNEL not in DZ_KERNELS:
+        raise ValueError(f"lmloss.ops.linear_triton_chunks.DZ_KERNEL must be one of {DZ_KERNELS}, got {DZ_KERNEL!r}")
+    persistent = DZ_KERNEL == "persistent"
     meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WANT_B=want_b,
-                PRECISION=precision, UPCAST=not h2.is_cuda,
+                PRECISION=precision, UPCAST=not h2.is_cuda, CLAMPED=DZ_KERNEL != "tiles", EVEN_K=D % block_k == 0,
+                PERSISTENT=persistent,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    # persistent: this many programs (the interpreter: 3, so that they loop); else a program per tile
+    n_programs = (PERSISTENT_PER_SM * _sm_count(h2.device.index if h2.device.index is not None
+                                                else torch.cuda.current_device()) if h2.is_cuda else 3)
     b_arg = bias if bias is not None else h2
     cap = float(softcap) if softcap is not None else 1.0
     row_blocks = triton.cdiv(N, block_m)
-    strides = (h2.stride(0), weight.stride(0), chunk_cols)
-
-    def dw_product(dz_c, c0, C):  # 2. this chunk's rows of dW: float32 straight into them, bf16/fp16 rounded once
-        if dz_c.dtype == torch.float32:
-            torch.mm(dz_c.T, h2, out=dw[c0:c0 + C])
-        else:
-            dw[c0:c0 + C].copy_(_mm.product_f32(dz_c.T, h2))
-
-    def dh_product(dz_c, c0, C):  # 3. dh += dz @ W[c0:c1], float32, in place where torch can (addmm_ for float32)
-        _mm.add_product_(dh, dz_c, weight[c0:c0 + C])
-
-    if overlap != "none":
-        # The side stream waits for each dz kernel; the caller's stream (main) waits for the side's products
-        # before a dz buffer is written again, and for all of them before returning, so every tensor made
-        # here is last used in the caller's stream's order (the caching allocator's rule).
-        main, side = torch.cuda.current_stream(h2.device), _side_stream(h2.device)
-        ready, freed = torch.cuda.Event(), [torch.cuda.Event() for _ in range(n_buffers)]
-        side.wait_stream(main)  # the inputs and zeroed accumulators, as the caller's stream left them
-    for i, c0 in enumerate(range(0, V, chunk_cols)):
+    strides = (h2.stride(0), weight.stride(0), dz.stride(0))
+    align = max(1, 16 // dz.element_size())  # columns per 16 bytes: what cuBLAS's fast kernels want of the sizes
+    for c0 in range(0, V, chunk_cols):
         C = min(chunk_cols, V - c0)
-        b = i % n_buffers
-        dz_c = dzs[b][:, :C]  # (N, C), row stride chunk_cols
-        if overlap == "chunks" and i >= n_buffers:
-            main.wait_event(freed[b])  # this buffer's previous chunk's products are done
-        _dz_chunk_kernel[(row_blocks, triton.cdiv(C, block_n))](
-            h2, weight[c0:], b_arg, t1, lse, g, dz_c, db[c0:] if want_b else lse, N, C, D, c0, *strides, cap,
-            **meta)
-        if overlap == "none":
-            if want_w:
-                dw_product(dz_c, c0, C)
-            if want_h:
-                dh_product(dz_c, c0, C)
-            continue
-        ready.record(main)
-        side.wait_event(ready)
-        if overlap == "products":  # dW's product on the side, dh's on main, at the same time
-            with torch.cuda.stream(side):
-                if want_w:
-                    dw_product(dz_c, c0, C)
-                freed[0].record(side)
-            if want_h:
-                dh_product(dz_c, c0, C)
-            main.wait_event(freed[0])  # before the next dz kernel writes the buffer
-        else:  # "chunks": both products on the side while main's next dz kernel fills the other buffer
-            with torch.cuda.stream(side):
-                if want_w:
-                    dw_product(dz_c, c0, C)
-                if want_h:
-                    dh_product(dz_c, c0, C)
-                freed[b].record(side)
-    if overlap != "none":
-        main.wait_stream(side)
+        if persistent:
+            grid = (min(n_programs, row_blocks * triton.cdiv(C, block_n)),)
+        else:
+            grid = (row_blocks, triton.cdiv(C, block_n))
+        _dz_chunk_kernel[grid](
+            h2, weight[c0:], b_arg, t1, lse, g, dz, db[c0:] if want_b else lse, N, C, D, c0, *strides, cap,
+            grid[0], **meta)
+        # The products take the chunk's columns a multiple of `align` at a time, and the last few (the end of an
+        # odd V: 1 of V=50257's) apart: with a size of dz's columns not a multiple of 16 bytes cuBLAS falls back to
+        # unaligned kernels, e.g. 194 us for dh's product over V=50257's last 1617 columns on an H200, against
+        # 44-50 us for the full 2432-column chunks before it (scripts/bench_linear_chunks.py --parts).
+        for a, b in ((0, C // align * align), (C // align * align, C)):
+            if a == b:
+                continue
+            dz_c = dz[:, a:b]  # (N, b - a), row stride chunk_cols
+            if want_w:  # 2. these rows of dW: float32 straight into them, bf16/fp16 rounded once
+                if dz.dtype == torch.float32:
+                    torch.mm(dz_c.T, h2, out=dw[c0 + a:c0 + b])
+                else:
+                    dw[c0 + a:c0 + b].copy_(_mm.product_f32(dz_c.T, h2))
+            if want_h:  # 3. dh += dz @ W[c0+a:c0+b], float32, in place where torch can (addmm_ for float32)
+                _mm.add_product_(dh, dz_c, weight[c0 + a:c0 + b])
     cast = lambda acc, like: None if acc is None else acc.to(like.dtype)  # noqa: E731
     return cast(dh, h2), dw, cast(db, bias)
