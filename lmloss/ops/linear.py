@@ -187,7 +187,8 @@ def _forward_triton(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
 # Which Triton backward impl="triton" takes: "chunks" (linear_triton_chunks.linear_backward_chunks: dz
 # written one vocabulary chunk at a time, under 5% of the logits at N=8192, the products on cuBLAS,
 # deterministic; on an H200, bf16 N=8192 d=768, forward+backward 8.83 / 24.88 ms at V=50257 / 262144 with
-# the first host-bound, then 5.72 / 25.43 ms with the loop's host work cut and wider chunks) or "atomic"
+# the first host-bound, then 5.72 / 25.43 ms with the loop's host work cut and wider chunks, then 5.20 / 25.64 ms,
+# 1.17x / 1.12x torch.compile, with the targets' check no longer a sync before the forward) or "atomic"
 # (linear_triton.linear_backward: dz never leaves the chip, dh and dW summed with float32 atomics; 9.95 /
 # 46.03 ms in the first run, 2026-11-27). scripts/bench_linear_nll.py times both. Read when
 # linear_cross_entropy builds its graph, and kept for that graph's backward.

@@ -13,12 +13,17 @@ For each chunk of `cols` vocabulary entries [c0, c0 + cols), all N rows at once:
                                                     can (lmloss/ops/_mm.py); else a product, then a sum
 Products on the tensor cores with float32 output (torch.mm's out_dtype) for bf16/fp16, dz entering
 them rounded to the inputs' dtype as torch's own backward rounds it; float32 inputs run float32 products.
+A chunk's products take its columns a multiple of 16 bytes at a time, and the last few of an odd V apart.
 Cost: the 3 products of N x V x d (the tile rebuild, dW, dh), one write and two reads of the dz chunk in
 the inputs' dtype, and N x d float32 read and written per chunk for dh (twice that, and a temporary,
 without the in-place accumulation).
 Memory beyond the gradients: the dz buffer, N x cols in the inputs' dtype (default_chunk_cols: under 5% of the
 logits from N = 2^24 / (V / 20) rows on, e.g. N=8192 with V=50257 or 262144; more below that, at most 32 MiB
-in bf16); plus the N x d float32 accumulator of dh.
+in bf16); plus the N x d float32 accumulator of dh (3.1% of the logits at V=50257) and one chunk's dW in float32.
+Timed on an H200 (bf16, N=8192, d=768, V=50257, 2026-11-27, scripts/bench_linear_chunks.py --parts): of the
+backward's 4.10 ms the dz kernels took 1.63, dW's products 1.14, dh's 1.34. Running dW's product on a second
+stream beside dh's, or the next chunk's dz kernel beside this chunk's products (two half-width buffers), did not
+help (3.99 and 6.93 ms: the second host-bound at 44 chunks).
 The host: per chunk one Triton launch and two or three cuBLAS calls, about 90-130 us of Python on an H200's
 host; a chunk narrower than that much GPU work leaves the GPU waiting (scripts/bench_linear_chunks.py).
 Deterministic: no atomics except dbias's (bias only). Tested on the CPU with TRITON_INTERPRET=1.
