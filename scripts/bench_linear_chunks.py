@@ -4,6 +4,8 @@ autograd, beside torch.compile(mm + F.cross_entropy) in the same run. CUDA only.
 
     python scripts/bench_linear_chunks.py                      # bf16, N=8192, d=768, V=50257 and 262144
     python scripts/bench_linear_chunks.py --divisors 32 16     # lmloss's default, then about V/32, V/16 entries
+    python scripts/bench_linear_chunks.py --divisors 16 --parts --dz-kernels tiles clamped persistent
+                                # + the backward's parts and kernel profile; each form of the dz kernel
 
 The backward runs a Python loop over vocabulary chunks: per chunk one Triton launch and two or three cuBLAS
 calls. When the host's time per chunk exceeds the chunk's GPU time, the GPU waits for the host, and the

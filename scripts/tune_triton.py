@@ -2,6 +2,7 @@
 
     python scripts/tune_triton.py                 # token_nll (N=8192, V=50257) and linear (N=8192, d=768)
     python scripts/tune_triton.py --out tune.jsonl
+    python scripts/tune_triton.py --kernels linear --dtypes bfloat16   # the fused linear forward's bf16 tiles only
 
 For each configuration the script passes it to the kernel's launcher as data (`config=`, and
 `precision=` for the linear kernel; nothing in lmloss is replaced), checks that the result equals the

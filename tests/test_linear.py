@@ -377,9 +377,10 @@ def _compile_for_hopper(kernel, types: dict, consts: dict, num_warps: int, num_s
 
 def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
     """The interpreter runs the kernels' Python, not triton's compiler: compile the default bf16 forward (its
-    hot loop and peeled tile), the target-logit kernel and the chunked backward's dz kernel for sm_90, as
-    a lent H100/H200 would, and check the forward's tile loads are asynchronous copies and its hot loop's
-    exponentials are one exp2 each."""
+    hot loop and peeled tile), the target-logit kernel, the atomic backward and each form of the chunked
+    backward's dz kernel for sm_90, as a lent H100/H200 would, and check the forward's tile loads are
+    asynchronous copies and its hot loop's exponentials are one exp2 each, and that the dz kernels run on
+    wgmma without register spills."""
     triton = pytest.importorskip("triton")
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
@@ -415,6 +416,11 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
     _compile_for_hopper(lt._target_logit_kernel, dict(bf16, t_ptr="*i64", out_ptr="*fp32"),
                         dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_R=32, BLOCK_K=128), 4, 1)
     bm, bn, bk, w, st = 128, 128, 64, 8, 3  # ltc.default_chunk_config for bf16 on a GPU
+    _compile_for_hopper(lt._linear_ce_backward_kernel,  # the atomic backward: _dz_tile with its defaults
+                        dict(bf16, t_ptr="*i64", lse_ptr="*fp32", g_ptr="*fp32", dh_ptr="*fp32", dw_ptr="*fp32",
+                             db_ptr="*fp32", group_m="i32"),
+                        dict(HAS_BIAS=False, HAS_SOFTCAP=False, WANT_H=True, WANT_W=True, WANT_B=False,
+                             PRECISION="tf32", UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, st)
     for form in ltc.DZ_KERNELS:  # each form of the dz kernel: wgmma, and no register spills
         dz_kernel = _compile_for_hopper(
             ltc._dz_chunk_kernel, dict(bf16, t_ptr="*i64", lse_ptr="*fp32", g_ptr="*fp32", dz_ptr="*bf16",
