@@ -577,6 +577,15 @@ def test_default_chunk_cols():
         assert cols <= max(V // 20, -(-(1 << 24) // N) + bn)
 
 
+def test_dz_kernel_form_must_be_known(monkeypatch):
+    """An unknown form of the chunked backward's dz kernel is refused before any launch, naming the forms."""
+    ltc = pytest.importorskip("lmloss.ops.linear_triton_chunks")
+    hidden, weight, _, targets = make(4, 8, 50)
+    monkeypatch.setattr(ltc, "DZ_KERNEL", "fastest")
+    with pytest.raises(ValueError, match=r"DZ_KERNEL must be one of \('tiles', 'clamped', 'persistent'\), got 'fastest'"):
+        ltc.linear_backward_chunks(hidden, weight, targets, None, torch.zeros(4, dtype=torch.float64), torch.ones(4))
+
+
 def test_triton_backward_in_interpreter():
     """The Triton backward on the CPU (TRITON_INTERPRET=1) against float64 autograd of
     F.cross_entropy(h @ W.T + b, t): dh, dW, dbias with softcap, ignore_index (a real token id
