@@ -97,7 +97,7 @@ def _dz_chunk_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dz_ptr, db_ptr,
                        BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-# The dz kernel's form (timed against each other by scripts/bench_linear_chunks.py --kernels):
+# The dz kernel's form (timed side by side by scripts/bench_linear_chunks.py --dz-kernels; not yet on a GPU):
 #   "tiles"      one tile per program, loads masked at the edges (the form first timed, 2026-11-27)
 #   "clamped"    one tile per program, edge rows and columns clamped in bounds: no load masks
 #   "persistent" clamped, and one program per SM looping over the tiles (PERSISTENT_PER_SM programs per SM)
@@ -145,6 +145,8 @@ def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h
     chunks (module docstring). chunk_cols: vocabulary entries per chunk (default default_chunk_cols);
     config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the dz kernel, default
     default_chunk_config(h2)."""
+    if DZ_KERNEL not in DZ_KERNELS:
+        raise ValueError(f"lmloss.ops.linear_triton_chunks.DZ_KERNEL must be one of {DZ_KERNELS}, got {DZ_KERNEL!r}")
     h2, weight, lse, g, want_b = backward_inputs(h2, weight, bias, lse, g, want_b)
     (N, D), V = h2.shape, weight.shape[0]
     precision = default_precision(h2) if precision is None else precision
@@ -158,8 +160,6 @@ def linear_backward_chunks(h2, weight, t1, bias, lse, g, *, softcap=None, want_h
     db = torch.zeros(V, dtype=torch.float32, device=h2.device) if want_b else None
     # what is the same for every chunk, taken once: the loop's host time per chunk (a Triton launch and two
     # or three cuBLAS calls) must stay below the chunk's GPU time, or the GPU waits for the host
-    if DZ_KERNEL not in DZ_KERNELS:
-        raise ValueError(f"lmloss.ops.linear_triton_chunks.DZ_KERNEL must be one of {DZ_KERNELS}, got {DZ_KERNEL!r}")
     persistent = DZ_KERNEL == "persistent"
     meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WANT_B=want_b,
                 PRECISION=precision, UPCAST=not h2.is_cuda, CLAMPED=DZ_KERNEL != "tiles", EVEN_K=D % block_k == 0,
