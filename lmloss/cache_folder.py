@@ -3,6 +3,9 @@ used, the locks that keep an entry a process is reading from being removed, and 
 
     cache_root() / "gguf" / "<file stem>-<key>" / "model" | "tokenizer"     one entry (lmloss/gguf_cache.py
                                                                             writes and reads them)
+    cache_root() / "native" / "native_cpu-<key>.so"                         the CPU loss kernels, built
+                                                                            once per machine (lmloss/ops/native.py;
+                                                                            ~30 KB each, not entries: never evicted)
 
 Each entry holds a .used file: its mtime is the entry's last use (eviction goes least recently used
 first), and a reader holds a shared flock on it from before it checks the entry until it has read it

@@ -10,7 +10,9 @@ match"), then each (shape, dtype, op) is timed for every contender, interleaved 
 that load from other processes hits all of them alike; ratios are against F.cross_entropy measured
 in the same run (and against torch.compile, "x vs compile"). Contenders: torch (F.cross_entropy(logits.float(), ...)), torch.compile
 (log_softmax + gather, compiled once with dynamic shapes; compile time reported, not timed),
-lmloss's implementations for the device, and on CUDA Liger-Kernel when importable (Cut
+lmloss's implementations for the device (CPU: "chunked", eager torch ops, and "native", its C loops, built
+once per machine and not timed; a line says why when they are not available), and on CUDA Liger-Kernel when
+importable (Cut
 Cross-Entropy has no logits-level loss; it belongs with the fused linear benchmark).
 
 Floor, "floor_ms" and "pct_of_floor" (CPU): what any implementation must spend, measured in the same
@@ -70,10 +72,22 @@ def _log_softmax_gather(logits, targets):
     return -logits.float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
 
 
+def _lmloss_impls(device: torch.device) -> list[str]:
+    """lmloss's implementations for the device: chunked always; native on CPU where its C library builds."""
+    if device.type == "cuda":
+        return ["chunked", "triton"]
+    from lmloss.ops import native
+
+    ok, why = native.status()
+    if not ok:
+        print(f"lmloss.native not available: {why}")
+    return ["chunked"] + (["native"] if ok else [])
+
+
 def contenders(device: torch.device) -> dict:
     """name -> fn(logits, targets) -> (N,) nll. Optional packages are imported here, skipped if missing."""
     fns = {"torch": torch_nll, "torch.compile": torch.compile(_log_softmax_gather, dynamic=True)}
-    impls = ["chunked"] + (["triton"] if device.type == "cuda" else [])
+    impls = _lmloss_impls(device)
     for impl in impls:
         fns[f"lmloss.{impl}"] = lambda x, t, impl=impl: lmloss.token_nll(x, t, impl=impl)
     if device.type == "cuda":
@@ -91,7 +105,7 @@ def contenders(device: torch.device) -> dict:
 
 def validate(device: torch.device, dtypes) -> None:
     """Every lmloss implementation, forward and backward, against lmloss's float64 reference."""
-    impls = ["chunked"] + (["triton"] if device.type == "cuda" else [])
+    impls = _lmloss_impls(device)
     for dtype in dtypes:
         logits = (torch.randn(64, 50257, device=device) * 10).to(dtype)
         targets = torch.randint(0, 50257, (64,), device=device)

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lmloss
 from lmloss import cross_entropy, logsumexp, token_nll
+from lmloss.ops import native
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
@@ -31,7 +32,8 @@ INTERPRETER_MAX_ELEMENTS = 200_000  # the interpreter runs each program in numpy
 
 # Triton runs natively on CUDA; on CPU only in the interpreter, i.e. in test_triton_kernels_in_interpreter's
 # subprocess, which runs this file's "triton" cases with TRITON_INTERPRET=1.
-IMPLS = [name for name in lmloss.IMPLS if name != "triton" or INTERPRET or CUDA]
+IMPLS = [name for name in lmloss.IMPLS if (name != "triton" or INTERPRET or CUDA)
+         and (name != "native" or native.available())]  # test_native.py fails where a compiler is there but no build
 
 
 def _skip_if_too_big(impl, n_elements):
@@ -349,7 +351,10 @@ def test_auto_rule_picks_triton_only_on_cuda_with_triton(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects need no GPU
     monkeypatch.setattr("lmloss.ops._checks.triton_available", lambda: True)
     assert choose_impl("auto", cuda, lmloss.IMPLS) == "triton"
-    assert choose_impl("auto", cpu, lmloss.IMPLS) == "chunked"
+    monkeypatch.setattr("lmloss.ops.native.available", lambda: True)
+    assert choose_impl("auto", cpu, lmloss.IMPLS) == "native"  # the C loops where they build
+    monkeypatch.setattr("lmloss.ops.native.available", lambda: False)
+    assert choose_impl("auto", cpu, lmloss.IMPLS) == "chunked"  # else eager torch
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
     assert choose_impl("auto", cuda, lmloss.IMPLS) == "chunked"  # CUDA without Triton: the fallback

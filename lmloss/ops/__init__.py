@@ -4,8 +4,9 @@ Every implementation provides
     nll_lse(logits (N, V), targets (N,), ignore_index) -> (nll (N,), lse (N,))
     grad_logits(logits, targets, lse, grad_nll, out (N, V)) -> out = (softmax - onehot) * grad_nll
 (nll in float32, float64 for float64 logits; lse in float64, saved for backward) and is chosen by
-name from IMPLS: "reference" (float64, slow), "chunked" (CPU, or CUDA without Triton), "triton"
-(CUDA). "auto" is "triton" for CUDA tensors when triton is installed, else "chunked". The functions
+name from IMPLS: "reference" (float64, slow), "chunked" (eager torch ops: CPU, or CUDA without Triton),
+"native" (CPU: one C loop per row, built once per machine; native.py), "triton" (CUDA). "auto" is "triton"
+for CUDA tensors when triton is installed, "native" for CPU tensors when it builds, else "chunked". The functions
 below handle validation, (..., V) shapes and strides, autograd and reductions for all of them.
 """
 
@@ -15,7 +16,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from lmloss.ops import chunked, reference
+from lmloss.ops import chunked, native, reference
 from lmloss.ops._checks import (check_logits, check_reduction, check_targets, choose_impl, compute_dtype, reduce_nll,
                                 row_views)
 
@@ -44,6 +45,7 @@ def _import_triton_kernels():
 IMPLS = {
     "reference": Impl(reference.nll_lse, reference.grad_logits),
     "chunked": Impl(chunked.nll_lse, chunked.grad_logits),
+    "native": Impl(native.nll_lse, native.grad_logits),
     "triton": Impl(_triton_nll_lse, _triton_grad_logits),
 }
 

@@ -64,10 +64,18 @@ def triton_available() -> bool:
 
 def choose_impl(impl: str, device: torch.device, names) -> str:
     """The implementation `impl` names for tensors on `device`: "auto" is "triton" on CUDA when triton
-    imports, else "chunked" (CPU, or CUDA without Triton); any other name must be one of `names`.
+    imports, "native" on the CPU where `names` has it and its C library builds (lmloss/ops/native.py),
+    else "chunked" (CPU, or CUDA without Triton); any other name must be one of `names`.
     The one rule for token_nll, cross_entropy, logsumexp and linear_token_nll / linear_cross_entropy."""
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "chunked"
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cpu" and "native" in names:
+            from lmloss.ops import native
+
+            if native.available():
+                return "native"
+        return "chunked"
     if impl not in names:
         raise ValueError(f"unknown impl {impl!r}; expected 'auto' or one of {sorted(names)}")
     return impl

@@ -50,7 +50,7 @@ def _run(rows, N, B, device):
     parallel_rows(rows, N, B, device, ranges_per_thread=_CPU_RANGES_PER_THREAD)
 
 
-def nll_lse(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+def nll_lse(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, *, row_sums=None):
     """logits (N, V), targets (N,) int64 -> (nll (N,) float32 (float64 for float64 logits), lse (N,) float64).
 
     nll: the same numbers as F.cross_entropy(logits.float(), targets, ignore_index=..., reduction="none").
@@ -63,6 +63,7 @@ def nll_lse(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
     float64, so the only shift error left is (x - x_t) * 1e-8 (L's rounding), never x * 1e-8.
     A row where some logit exceeds its target's by more than ~88 nats overflows s; those rows (s not
     finite: also NaN or inf logits) are redone by torch's log_softmax, max-shifted (_exact_rows).
+    row_sums(logits, c, L) -> (N, 1) s, when given, replaces the block passes (impl "native": one C loop per row).
     """
     N, V = logits.shape
     cdt = compute_dtype(logits.dtype)
@@ -72,6 +73,21 @@ def nll_lse(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
     tcol = torch.where(valid, targets, 0)[:, None]  # (N, 1), column 0 stands in for ignored rows
     x_t = logits.gather(1, tcol).to(cdt)  # (N, 1), exact
     c = x_t * -L  # (N, 1), rounded once to cdt
+    sums = row_sums(logits, c, L) if row_sums is not None else _row_sums(logits, c, L, cdt, B)
+    x_t64 = x_t[:, 0].double()
+    # 4. nll = ln(s) - (c + x_t L) ln 2: c + x_t L is the shift's rounding residual, exact in float64
+    nll = sums[:, 0].double().log_() - (c[:, 0].double() + x_t64 * L) * math.log(2)
+    lse = x_t64 + nll
+    redo = (~torch.isfinite(sums[:, 0])).nonzero()[:, 0]
+    if redo.numel():
+        lse[redo] = _exact_rows(logits, redo, tcol[redo], cdt, B)
+        nll[redo] = lse[redo] - x_t64[redo]
+    return torch.where(valid, nll, 0.0).to(cdt), lse
+
+
+def _row_sums(logits, c, L, cdt, B):
+    """(N, 1) sum(exp2(x * L + c)) per row in cdt, block by block (steps 1-3 of nll_lse)."""
+    N, V = logits.shape
     sums = torch.empty(N, 1, dtype=cdt, device=logits.device)
     upcast = logits.dtype != cdt
 
@@ -86,15 +102,7 @@ def nll_lse(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
             torch.sum(y.exp2_(), dim=1, keepdim=True, out=sums[s:e])  # 2. exp2 in place, 3. row sums
 
     _run(rows, N, B, logits.device)
-    x_t64 = x_t[:, 0].double()
-    # 4. nll = ln(s) - (c + x_t L) ln 2: c + x_t L is the shift's rounding residual, exact in float64
-    nll = sums[:, 0].double().log_() - (c[:, 0].double() + x_t64 * L) * math.log(2)
-    lse = x_t64 + nll
-    redo = (~torch.isfinite(sums[:, 0])).nonzero()[:, 0]
-    if redo.numel():
-        lse[redo] = _exact_rows(logits, redo, tcol[redo], cdt, B)
-        nll[redo] = lse[redo] - x_t64[redo]
-    return torch.where(valid, nll, 0.0).to(cdt), lse
+    return sums
 
 
 def _log2e(dtype: torch.dtype) -> float:

@@ -1,0 +1,197 @@
+/* lmloss native CPU kernels: the softmax row sums and the gradient of token_nll, one pass over the logits.
+
+Built by lmloss/ops/native.py with the machine's C compiler (-O3 -march=native, no -ffast-math: NaN and
+infinity must survive) and loaded with ctypes; every function works on a range of rows, so Python worker
+threads (the GIL is released during a ctypes call) split the rows between cores.
+
+Per row i, with y_j = fma(x_j, L, c_i) computed in float32 (L = log2(e) in float32):
+    row_sums   s_i = sum_j 2^(y_j), accumulated in float32 lanes over 512 columns, those partial sums in
+               double; s_i = +inf when some y_j > 126 (2^y would overflow the sum: the caller redoes the row
+               max-shifted), NaN when some x_j is NaN
+    row_grads  out_ij = (2^(y_j) - s_i [j == t_i]) * (g_i / s_i), rounded once to out's dtype; s_i is the
+               row's own sum, so each row is renormalized as a softmax is
+2^y is a degree-7 Taylor polynomial of 2^f on f = y - rint(y) in [-1/2, 1/2] times 2^rint(y) built in the
+exponent bits: relative error below 2e-7 (one float32 rounding of the polynomial's terms); y below -126 gives
+0 (such a term is below 2^-126 of a sum that is at least ~1).
+dtype codes: 0 float32, 1 bfloat16, 2 float16.
+*/
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define COLS_PER_PARTIAL 512
+
+static inline float bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t float_to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float exp2_poly(float y) {
+    /* clamp to [-127, 128] (one maxps and one minps; a NaN y becomes a number here, so the callers detect NaN
+       and inf apart): y >= 127.5 rounds to n = 128, whose scale is +inf, so the row sum overflows */
+    y = y > -127.0f ? y : -127.0f;
+    y = y < 128.0f ? y : 128.0f;
+    float n = rintf(y);
+    float f = y - n;                        /* exact, in [-1/2, 1/2] */
+    /* 2^f = sum_k (f ln 2)^k / k!, k <= 7 */
+    float p = 1.5252733804059841e-05f;
+    p = fmaf(p, f, 1.5403530393381609e-04f);
+    p = fmaf(p, f, 1.3333558146428443e-03f);
+    p = fmaf(p, f, 9.6181291076284772e-03f);
+    p = fmaf(p, f, 5.5504108664821580e-02f);
+    p = fmaf(p, f, 2.4022650695910072e-01f);
+    p = fmaf(p, f, 6.9314718055994531e-01f);
+    p = fmaf(p, f, 1.0f);
+    int32_t e = (int32_t)n + 127;           /* 0 for n = -127: the term is 0; 255 for n = 128: +inf */
+    return p * bits_to_float((uint32_t)e << 23);
+}
+
+static inline float load_f32(const void *row, int dtype, int64_t j) {
+    if (dtype == 1)
+        return bits_to_float((uint32_t)((const uint16_t *)row)[j] << 16);
+    if (dtype == 2)
+        return (float)((const _Float16 *)row)[j];
+    return ((const float *)row)[j];
+}
+
+/* float32 -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u = float_to_bits(f);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (f != f) ? (uint16_t)((u >> 16) | 0x40u) : (uint16_t)r;
+}
+
+/* sum of 2^(fma(x_j, L, c)) over one row of one dtype; NaN when some y_j is NaN or infinite (bad += y * 0) */
+#define ROW_SUM_BODY(LOAD)                                                        \
+    double total = 0.0;                                                           \
+    float bad = 0.0f;                                                             \
+    for (int64_t j0 = 0; j0 < V; j0 += COLS_PER_PARTIAL) {                        \
+        int64_t j1 = j0 + COLS_PER_PARTIAL < V ? j0 + COLS_PER_PARTIAL : V;       \
+        float acc = 0.0f;                                                         \
+        _Pragma("omp simd reduction(+:acc) reduction(+:bad)")                     \
+        for (int64_t j = j0; j < j1; ++j) {                                       \
+            float y = fmaf(LOAD, L, c);                                           \
+            bad = fmaf(y, 0.0f, bad);                                             \
+            acc += exp2_poly(y);                                                  \
+        }                                                                         \
+        total += (double)acc;                                                     \
+    }                                                                             \
+    return bad == 0.0f ? total : (double)NAN;
+
+static double row_sum_f32(const float *x, int64_t V, float L, float c) {
+    ROW_SUM_BODY(x[j])
+}
+
+static double row_sum_bf16(const uint16_t *x, int64_t V, float L, float c) {
+    ROW_SUM_BODY(bits_to_float((uint32_t)x[j] << 16))
+}
+
+static double row_sum_f16(const _Float16 *x, int64_t V, float L, float c) {
+    ROW_SUM_BODY((float)x[j])
+}
+
+static double row_sum(const void *row, int dtype, int64_t V, float L, float c) {
+    if (dtype == 1)
+        return row_sum_bf16((const uint16_t *)row, V, L, c);
+    if (dtype == 2)
+        return row_sum_f16((const _Float16 *)row, V, L, c);
+    return row_sum_f32((const float *)row, V, L, c);
+}
+
+/* sums[i] = s_i (see the top) for rows [r0, r1) of x (row i at x + i * row_stride elements) */
+void lmloss_row_sums(const void *x, int dtype, int64_t row_stride, int64_t V, float L, const float *c,
+                     int64_t r0, int64_t r1, double *sums) {
+    const int64_t item = dtype == 0 ? 4 : 2;
+    for (int64_t i = r0; i < r1; ++i)
+        sums[i] = row_sum((const char *)x + i * row_stride * item, dtype, V, L, c[i]);
+}
+
+/* the exponentials of one row into buf (float32, V), returning their sum */
+#define ROW_EXP_BODY(LOAD)                                                        \
+    double total = 0.0;                                                           \
+    for (int64_t j0 = 0; j0 < V; j0 += COLS_PER_PARTIAL) {                        \
+        int64_t j1 = j0 + COLS_PER_PARTIAL < V ? j0 + COLS_PER_PARTIAL : V;       \
+        float acc = 0.0f;                                                         \
+        _Pragma("omp simd reduction(+:acc)")                                      \
+        for (int64_t j = j0; j < j1; ++j) {                                       \
+            float e = exp2_poly(fmaf(LOAD, L, c));                                \
+            buf[j] = e;                                                           \
+            acc += e;                                                             \
+        }                                                                         \
+        total += (double)acc;                                                     \
+    }                                                                             \
+    return total;
+
+static double row_exp_f32(const float *x, int64_t V, float L, float c, float *buf) {
+    ROW_EXP_BODY(x[j])
+}
+
+static double row_exp_bf16(const uint16_t *x, int64_t V, float L, float c, float *buf) {
+    ROW_EXP_BODY(bits_to_float((uint32_t)x[j] << 16))
+}
+
+static double row_exp_f16(const _Float16 *x, int64_t V, float L, float c, float *buf) {
+    ROW_EXP_BODY((float)x[j])
+}
+
+/* out[i, j] = (2^(fma(x_ij, L, c_i)) - s_i [j == t_i]) * (g_i / s_i) for rows [r0, r1); out has x's dtype,
+   is contiguous (row i at out + i * V), and t_i outside [0, V) means no one-hot. Returns 0, or -1 when the
+   float32 row buffer could not be allocated. */
+int lmloss_row_grads(const void *x, int dtype, int64_t row_stride, int64_t V, float L, const float *c,
+                     const int64_t *targets, const float *g, int64_t r0, int64_t r1, void *out) {
+    const int64_t item = dtype == 0 ? 4 : 2;
+    float *own = NULL;
+    if (dtype != 0) {
+        own = (float *)malloc((size_t)V * sizeof(float));
+        if (own == NULL)
+            return -1;
+    }
+    for (int64_t i = r0; i < r1; ++i) {
+        const void *row = (const char *)x + i * row_stride * item;
+        float *buf = dtype == 0 ? (float *)out + i * V : own;  /* float32: the exponentials go straight to out */
+        double s;
+        if (dtype == 1)
+            s = row_exp_bf16((const uint16_t *)row, V, L, c[i], buf);
+        else if (dtype == 2)
+            s = row_exp_f16((const _Float16 *)row, V, L, c[i], buf);
+        else
+            s = row_exp_f32((const float *)row, V, L, c[i], buf);
+        const float sf = (float)s;
+        const float k = g[i] / sf;
+        const int64_t t = targets[i];
+        const int onehot = t >= 0 && t < V;
+        const float bt = onehot ? buf[t] - sf : 0.0f;  /* the target's term, before buf[t] is scaled */
+        if (dtype == 0) {
+            float *o = (float *)out + i * V;
+            _Pragma("omp simd")
+            for (int64_t j = 0; j < V; ++j)
+                o[j] = buf[j] * k;
+            if (onehot)
+                o[t] = bt * k;
+        } else if (dtype == 1) {
+            uint16_t *o = (uint16_t *)out + i * V;
+            _Pragma("omp simd")
+            for (int64_t j = 0; j < V; ++j)
+                o[j] = to_bf16(buf[j] * k);
+            if (onehot)
+                o[t] = to_bf16(bt * k);
+        } else {
+            _Float16 *o = (_Float16 *)out + i * V;
+            _Pragma("omp simd")
+            for (int64_t j = 0; j < V; ++j)
+                o[j] = (_Float16)(buf[j] * k);
+            if (onehot)
+                o[t] = (_Float16)(bt * k);
+        }
+    }
+    free(own);
+    return 0;
+}
