@@ -122,7 +122,8 @@ def _build() -> Path:
             done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True,
                                   timeout=300)
             if done.returncode != 0:
-                raise RuntimeError(f"{cc} could not compile {_SOURCE.name}: {done.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"{cc} could not compile {_SOURCE.name} (exit status {done.returncode}): "
+                                   f"{done.stderr.strip()[-2000:] or 'no message'}")
             os.replace(tmp, path)  # another process may have written the same file: same bytes
         finally:
             if os.path.exists(tmp):
