@@ -149,7 +149,8 @@ def handles(logits: torch.Tensor) -> bool:
 
 
 def _row_sums(logits: torch.Tensor, c: torch.Tensor, L: float) -> torch.Tensor:
-    """(N, 1) float64 sums of 2^(fma(x, L, c)) per row (+inf where a row overflows; see native_cpu.c)."""
+    """(N, 1) float64 sums of 2^(fma(x, L, c)) per row; +inf where a row overflows, NaN where it holds a NaN or
+    infinite logit (native_cpu.c): chunked.nll_lse redoes both kinds exactly."""
     lib = _require()
     N, V = logits.shape
     c = c.reshape(-1).contiguous()
@@ -167,7 +168,6 @@ def nll_lse(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
     """chunked.nll_lse's contract and formulas, its row sums from the C loop (eager path where it does not apply)."""
     if not handles(logits):
         return chunked.nll_lse(logits, targets, ignore_index)
-    _require()
     return chunked.nll_lse(logits, targets, ignore_index, row_sums=_row_sums)
 
 

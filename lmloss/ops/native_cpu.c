@@ -6,13 +6,13 @@ threads (the GIL is released during a ctypes call) split the rows between cores.
 
 Per row i, with y_j = fma(x_j, L, c_i) computed in float32 (L = log2(e) in float32):
     row_sums   s_i = sum_j 2^(y_j), accumulated in float32 lanes over 512 columns, those partial sums in
-               double; s_i = +inf when some y_j > 126 (2^y would overflow the sum: the caller redoes the row
-               max-shifted), NaN when some x_j is NaN
+               double; +inf when some y_j >= 127.5 (2^y overflows: the caller redoes the row max-shifted),
+               NaN when some y_j is NaN or infinite (a NaN or infinite logit: redone as well)
     row_grads  out_ij = (2^(y_j) - s_i [j == t_i]) * (g_i / s_i), rounded once to out's dtype; s_i is the
                row's own sum, so each row is renormalized as a softmax is
 2^y is a degree-7 Taylor polynomial of 2^f on f = y - rint(y) in [-1/2, 1/2] times 2^rint(y) built in the
-exponent bits: relative error below 2e-7 (one float32 rounding of the polynomial's terms); y below -126 gives
-0 (such a term is below 2^-126 of a sum that is at least ~1).
+exponent bits: relative error below 2e-7 (one float32 rounding of the polynomial's terms); y below -126.5
+gives 0 (such a term is below 2^-126 of a sum that is at least ~1), -inf included.
 dtype codes: 0 float32, 1 bfloat16, 2 float16.
 */
 #include <math.h>
@@ -54,14 +54,6 @@ static inline float exp2_poly(float y) {
     return p * bits_to_float((uint32_t)e << 23);
 }
 
-static inline float load_f32(const void *row, int dtype, int64_t j) {
-    if (dtype == 1)
-        return bits_to_float((uint32_t)((const uint16_t *)row)[j] << 16);
-    if (dtype == 2)
-        return (float)((const _Float16 *)row)[j];
-    return ((const float *)row)[j];
-}
-
 /* float32 -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN */
 static inline uint16_t to_bf16(float f) {
     uint32_t u = float_to_bits(f);
@@ -69,8 +61,10 @@ static inline uint16_t to_bf16(float f) {
     return (f != f) ? (uint16_t)((u >> 16) | 0x40u) : (uint16_t)r;
 }
 
-/* sum of 2^(fma(x_j, L, c)) over one row of one dtype; NaN when some y_j is NaN or infinite (bad += y * 0) */
-#define ROW_SUM_BODY(LOAD)                                                        \
+/* One row's y_j = fma(LOAD, L, c) and e_j = 2^(y_j), summed (float32 lanes per 512 columns, double across);
+   EACH(y, e) runs per element inside the vectorized loop. row_sum: EACH accumulates y * 0, NaN for a NaN or
+   infinite y, and the row's sum becomes NaN; row_exp: EACH stores e (a -inf logit must give 0 there, not NaN). */
+#define ROW_LOOP(LOAD, EACH)                                                      \
     double total = 0.0;                                                           \
     float bad = 0.0f;                                                             \
     for (int64_t j0 = 0; j0 < V; j0 += COLS_PER_PARTIAL) {                        \
@@ -79,11 +73,15 @@ static inline uint16_t to_bf16(float f) {
         _Pragma("omp simd reduction(+:acc) reduction(+:bad)")                     \
         for (int64_t j = j0; j < j1; ++j) {                                       \
             float y = fmaf(LOAD, L, c);                                           \
-            bad = fmaf(y, 0.0f, bad);                                             \
-            acc += exp2_poly(y);                                                  \
+            float e = exp2_poly(y);                                               \
+            EACH;                                                                 \
+            acc += e;                                                             \
         }                                                                         \
         total += (double)acc;                                                     \
-    }                                                                             \
+    }
+
+#define ROW_SUM_BODY(LOAD)                                                        \
+    ROW_LOOP(LOAD, bad = fmaf(y, 0.0f, bad))                                      \
     return bad == 0.0f ? total : (double)NAN;
 
 static double row_sum_f32(const float *x, int64_t V, float L, float c) {
@@ -116,18 +114,8 @@ void lmloss_row_sums(const void *x, int dtype, int64_t row_stride, int64_t V, fl
 
 /* the exponentials of one row into buf (float32, V), returning their sum */
 #define ROW_EXP_BODY(LOAD)                                                        \
-    double total = 0.0;                                                           \
-    for (int64_t j0 = 0; j0 < V; j0 += COLS_PER_PARTIAL) {                        \
-        int64_t j1 = j0 + COLS_PER_PARTIAL < V ? j0 + COLS_PER_PARTIAL : V;       \
-        float acc = 0.0f;                                                         \
-        _Pragma("omp simd reduction(+:acc)")                                      \
-        for (int64_t j = j0; j < j1; ++j) {                                       \
-            float e = exp2_poly(fmaf(LOAD, L, c));                                \
-            buf[j] = e;                                                           \
-            acc += e;                                                             \
-        }                                                                         \
-        total += (double)acc;                                                     \
-    }                                                                             \
+    ROW_LOOP(LOAD, buf[j] = e)                                                    \
+    (void)bad;                                                                    \
     return total;
 
 static double row_exp_f32(const float *x, int64_t V, float L, float c, float *buf) {
