@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from lmloss.ops import onednn
+from lmloss.ops.cpu_forward import cpu_forward
+
 __all__ = ["Head", "LoadedModel", "ModelInfo", "check_gguf", "load_model", "peek_config", "resolve_device",
            "DTYPES"]
 
@@ -42,7 +45,7 @@ class Head:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., d) -> logits (..., V) in the model's dtype, with the model's final transform."""
-        out = torch.nn.functional.linear(hidden, self.weight, self.bias)
+        out = onednn.linear(hidden, self.weight, self.bias)  # F.linear; on CPU float32 through oneDNN
         if self.softcap is not None:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out
@@ -62,11 +65,13 @@ class LoadedModel:
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) int64 -> logits (B, T, V)."""
-        return self.module(input_ids=input_ids, use_cache=False).logits
+        with cpu_forward():
+            return self.module(input_ids=input_ids, use_cache=False).logits
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) int64 -> last hidden state (B, T, d), the input of `head`."""
-        return self.module.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        with cpu_forward():
+            return self.module.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
 
     @property
     def vocab_size(self) -> int:

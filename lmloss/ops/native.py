@@ -139,6 +139,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmloss_row_sums.restype = None
     lib.lmloss_row_grads.argtypes = [vp, ctypes.c_int, i64, i64, f32, vp, vp, vp, i64, i64, vp]
     lib.lmloss_row_grads.restype = ctypes.c_int
+    lib.lmloss_causal_probs.argtypes = [vp, i64, i64, f32, i64, i64, vp]
+    lib.lmloss_causal_probs.restype = i64
     return lib
 
 
@@ -194,3 +196,14 @@ def grad_logits(logits, targets, lse, grad_nll, out):
     if failed:
         raise MemoryError(f"the native backward could not allocate a row buffer of {V} float32 values")
     return out
+
+
+def causal_probs(scores: torch.Tensor, first: int, c: float, sums: torch.Tensor) -> int:
+    """In place on a contiguous float32 (rows, n) block of attention scores whose row i sees the columns
+    j < first + i: scores <- exp(scale * (s - rowmax)) there and 0 beyond, sums[:rows] <- their row sums
+    (float32), c = scale * log2(e). Returns how many rows hold a NaN or infinite score (native_cpu.c)."""
+    lib = _require()
+    rows, n = scores.shape
+    assert scores.dtype == torch.float32 and scores.is_contiguous() and sums.dtype == torch.float32
+    assert sums.is_contiguous() and sums.numel() >= rows
+    return lib.lmloss_causal_probs(scores.data_ptr(), n, first, c, 0, rows, sums.data_ptr())

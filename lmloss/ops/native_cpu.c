@@ -183,3 +183,44 @@ int lmloss_row_grads(const void *x, int dtype, int64_t row_stride, int64_t V, fl
     free(own);
     return 0;
 }
+
+/* Causal attention's probabilities, unnormalized, in place on rows [r0, r1) of a float32 score block s (row i
+   at s + i * n) whose row i sees the columns j < k_i = min(n, first + i):
+       m_i = max_{j < k_i} s_ij,   s_ij <- 2^(fma(s_ij, c, -m_i c)) for j < k_i, 0 for j >= k_i,
+       sums[i] = sum_{j < k_i} s_ij   (float32 lanes per 512 columns, double across, then float32)
+   with c = scale * log2(e) > 0, so 2^(c (s - m)) = exp(scale (s - m)) up to the rounding of m c, a factor common
+   to the row that the normalization by sums[i] cancels. Returns the number of rows whose sum is not a positive
+   finite number (a NaN or infinite score in the row): the caller recomputes those blocks another way. */
+int64_t lmloss_causal_probs(float *s, int64_t n, int64_t first, float c, int64_t r0, int64_t r1, float *sums) {
+    int64_t bad_rows = 0;
+    for (int64_t i = r0; i < r1; ++i) {
+        float *row = s + i * n;
+        int64_t k = first + i < n ? first + i : n;
+        float m = -INFINITY;
+        _Pragma("omp simd reduction(max:m)")
+        for (int64_t j = 0; j < k; ++j)
+            m = row[j] > m ? row[j] : m;
+        const float L = c, cm = -m * c;
+        double total = 0.0;
+        float bad = 0.0f;
+        for (int64_t j0 = 0; j0 < k; j0 += COLS_PER_PARTIAL) {
+            int64_t j1 = j0 + COLS_PER_PARTIAL < k ? j0 + COLS_PER_PARTIAL : k;
+            float acc = 0.0f;
+            _Pragma("omp simd reduction(+:acc) reduction(+:bad)")
+            for (int64_t j = j0; j < j1; ++j) {
+                float y = fmaf(row[j], L, cm);
+                float e = exp2_poly(y);
+                bad = fmaf(y, 0.0f, bad);   /* NaN for a NaN or infinite y */
+                row[j] = e;
+                acc += e;
+            }
+            total += (double)acc;
+        }
+        if (k < n)
+            memset(row + k, 0, (size_t)(n - k) * sizeof(float));
+        sums[i] = (float)total;
+        if (bad != 0.0f || !(total > 0.0) || !isfinite(sums[i]))
+            ++bad_rows;
+    }
+    return bad_rows;
+}

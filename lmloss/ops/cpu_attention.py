@@ -1,0 +1,89 @@
+"""Causal self-attention on the CPU in float32: oneDNN's products and one C loop per row for the softmax.
+
+    out = softmax(scale * q @ k.T + causal_mask) @ v        # == F.scaled_dot_product_attention(q, k, v,
+                                                            #        is_causal=True, scale=scale, enable_gqa=True)
+
+torch's CPU flash attention takes its two products from MKL's sgemm, which on AMD CPUs runs its AVX2 code (half
+of oneDNN's AVX-512 rate, lmloss/ops/onednn.py), and spends most of its time outside them: SmolLM2-135M's
+attention (9 heads of 64, 3 key/value heads, 1024 positions, batch 2) took 19.8 ms per layer on 2 Zen 5 cores,
+at 122 GFLOP/s against 494 for a float32 GEMM. Here, per (batch, head, block of 256 query rows):
+    s = q_block @ k[:end].T                 oneDNN, float32 (end = the block's last row + 1: causal, no waste
+                                            beyond the diagonal block)
+    p = exp(scale * (s - rowmax)), 0 above the diagonal, and the row sums    native_cpu.c, in place on s
+    out_block = (p @ v[:end]) / row sums    oneDNN, then one division
+in the calling thread, each product on all of torch's threads. (Worker threads taking blocks in turn, with
+single-threaded products, were 10% faster alone but 20% slower inside the model: OpenMP's threads, still
+spinning after the projection before, take the cores from them.) 11.5-12 ms per layer inside the model, 11 alone,
+instead of SDPA's 19.8.
+
+`applies` says when this runs (CPU, float32, 4-D, square causal, no mask, no dropout, no autograd, the
+native library and oneDNN both available, at least MIN_POSITIONS positions); everything else is SDPA's own.
+A block whose row sums are not finite (a NaN or infinite score) is recomputed by SDPA, so NaN propagates
+exactly as SDPA propagates it. The numbers are SDPA's up to float32 summation order (~1e-6 relative).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmloss.ops import native, onednn
+
+BLOCK_ROWS = 256  # query rows per block: products large enough for oneDNN, little waste on the diagonal
+MIN_POSITIONS = 512  # below, per-block overhead outweighs what the products gain (2 x 256: 2.4 vs 2.0 ms): SDPA
+_LOG2E = 1.4426950408889634
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def applies(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> bool:
+    """Whether causal(q, k, v, ...) replaces F.scaled_dot_product_attention for these arguments."""
+    if not (is_causal and attn_mask is None and dropout_p == 0.0):
+        return False
+    if not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32
+               and t.dim() == 4 and t.layout == torch.strided for t in (q, k, v)):
+        return False
+    (B, H, T, D), (Bk, Hk, Tk, Dk), (Bv, Hv, Tv, Dv) = q.shape, k.shape, v.shape
+    if not (B == Bk == Bv and T == Tk == Tv and D == Dk and Hk == Hv and Hk > 0 and T >= MIN_POSITIONS and D > 0):
+        return False
+    if H != Hk and not (enable_gqa and H % Hk == 0):
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return onednn.available() and native.available()
+
+
+def causal(q, k, v, scale: float | None = None) -> torch.Tensor:
+    """softmax(scale * q @ k.T, causal) @ v for q (B, H, T, D), k and v (B, Hk, T, Dv), H a multiple of Hk
+    (grouped heads: query head h reads key/value head h // (H / Hk)); scale defaults to 1 / sqrt(D).
+    Returns (B, H, T, Dv) float32, a view of a (B, T, H, Dv) tensor (the layout the next projection reads)."""
+    B, H, T, D = q.shape
+    Hk, Dv = k.shape[1], v.shape[-1]
+    group = H // Hk
+    c = (1.0 / math.sqrt(D) if scale is None else float(scale)) * _LOG2E
+    out = torch.empty(B, T, H, Dv, dtype=torch.float32)
+    out_groups = out.view(B, T, Hk, group, Dv)
+    keys = k.contiguous()                         # (B, Hk, T, D): k[:end] is one block of rows
+    values_t = v.transpose(-1, -2).contiguous()   # (B, Hk, Dv, T)
+    sums = torch.empty(group, BLOCK_ROWS, dtype=torch.float32)
+    product = torch.ops.mkldnn._linear_pointwise
+    redo = []
+    for b in range(B):
+        for hk in range(Hk):
+            for i0 in range(0, T, BLOCK_ROWS):
+                i1 = min(T, i0 + BLOCK_ROWS)
+                rows = i1 - i0
+                # the query heads that share key/value head hk, stacked: one product of group * rows rows
+                qs = q[b, hk * group:(hk + 1) * group, i0:i1].reshape(group * rows, D)
+                s = product(qs, keys[b, hk, :i1], None, "none", [], "").view(group, rows, i1)
+                redo.extend((b, hk * group + g, i0, i1) for g in range(group)
+                            if native.causal_probs(s[g], i0 + 1, c, sums[g]))
+                # oneDNN's weight operand must be contiguous: a strided one takes its reference path, 1000x slower
+                o = product(s.view(group * rows, i1), values_t[b, hk, :, :i1].contiguous(), None, "none", [], "")
+                torch.div(o.view(group, rows, Dv).transpose(0, 1), sums[:, :rows, None].transpose(0, 1),
+                          out=out_groups[b, i0:i1, hk])
+    for b, h, i0, i1 in redo:  # NaN or infinite scores: SDPA's own numbers for those rows
+        hk = h // group
+        mask = torch.ones(i1 - i0, i1, dtype=torch.bool).tril(diagonal=i0)
+        out[b, i0:i1, h] = _SDPA(q[b, h, i0:i1], k[b, hk, :i1], v[b, hk, :i1], attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)

@@ -1,0 +1,65 @@
+"""A transformers model's float32 CPU forward on the faster kernels, the model itself unchanged.
+
+    with cpu_forward():
+        hidden = module.base_model(input_ids=ids).last_hidden_state
+
+Inside, for as long as the block runs in this thread (a torch function mode, not a change to any module):
+    F.linear(x, w, b)                                   -> onednn.linear: oneDNN's float32 GEMM, 2.2x MKL's
+                                                           on AMD CPUs (lmloss/ops/onednn.py)
+    F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                                                        -> cpu_attention.causal: oneDNN products and one C
+                                                           loop per row for the softmax (cpu_attention.py)
+each only where it applies (CPU, float32, no autograd, ...), every other call as it was. SmolLM2-135M, 2 x 1024
+positions on 2 Zen 5 cores: 2.73 s -> 1.52 s with the linear layers, -> 1.41 s with the attention as well.
+`LMLOSS_ONEDNN=0` turns both off (they need oneDNN), `LMLOSS_NATIVE=0` the attention (it needs the C library).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from lmloss.ops import cpu_attention, onednn
+
+_F_LINEAR = torch.nn.functional.linear
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = dict(attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
+
+
+def _sdpa_arguments(args, kwargs) -> dict | None:
+    """F.scaled_dot_product_attention's arguments by name, or None for a call this module does not read."""
+    if len(args) > len(_SDPA_NAMES) or not set(kwargs) <= set(_SDPA_NAMES[len(args):]):
+        return None  # SDPA's own error, or a signature this module does not know
+    bound = dict(_SDPA_DEFAULTS, **dict(zip(_SDPA_NAMES, args)), **kwargs)
+    return bound if all(name in bound for name in ("query", "key", "value")) else None
+
+
+class _Routes(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _F_LINEAR and set(kwargs) <= {"bias"} and len(args) + len(kwargs) in (2, 3):
+            return onednn.linear(*args, **kwargs)
+        if func is _SDPA:
+            a = _sdpa_arguments(args, kwargs)
+            if a is not None and cpu_attention.applies(a["query"], a["key"], a["value"], a["attn_mask"],
+                                                       a["dropout_p"], a["is_causal"], a["scale"], a["enable_gqa"]):
+                return cpu_attention.causal(a["query"], a["key"], a["value"], a["scale"])
+        return func(*args, **kwargs)
+
+
+class cpu_forward:
+    """Context manager: the routes above for the code it wraps; a no-op where oneDNN is not available."""
+
+    def __init__(self, enabled: bool = True):
+        self._mode = _Routes() if enabled and onednn.available() else None
+
+    def __enter__(self):
+        if self._mode is not None:
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._mode is not None:
+            return self._mode.__exit__(*exc)
+        return False

@@ -1,0 +1,126 @@
+"""lmloss/ops/cpu_attention.py and cpu_forward.py: causal attention on oneDNN + the C softmax against a float64
+attention written here, and the model forward routed through both against the model's own forward."""
+
+import math
+
+import pytest
+import torch
+
+from lmloss.ops import cpu_attention, native, onednn
+from lmloss.ops.cpu_forward import cpu_forward
+
+pytestmark = pytest.mark.skipif(not (onednn.available() and native.available()),
+                                reason="needs oneDNN and the native C library")
+
+
+def _ref(q, k, v, scale=None):
+    """softmax(scale q k^T, causal) v in float64, grouped heads repeated, the mask written out."""
+    H, Hk, T = q.shape[1], k.shape[1], q.shape[2]
+    k64 = k.double().repeat_interleave(H // Hk, dim=1)
+    v64 = v.double().repeat_interleave(H // Hk, dim=1)
+    s = q.double() @ k64.transpose(-1, -2) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    return torch.softmax(s, -1) @ v64
+
+
+def _qkv(B, H, Hk, T, D, Dv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # (B, T, H, D) memory seen as (B, H, T, D), as a transformers model hands them over
+    q = torch.randn(B, T, H, D, generator=g).transpose(1, 2)
+    k = (2 * torch.randn(B, T, Hk, D, generator=g)).transpose(1, 2)
+    v = torch.randn(B, T, Hk, Dv or D, generator=g).transpose(1, 2)
+    return q, k, v
+
+
+@pytest.mark.parametrize("B, H, Hk, T, D, Dv, scale", [(2, 9, 3, 600, 64, None, None), (1, 4, 4, 777, 32, None, 0.3),
+                                                       (1, 2, 1, 520, 16, 24, None), (3, 1, 1, 513, 8, None, None)])
+def test_matches_float64_reference(B, H, Hk, T, D, Dv, scale):
+    q, k, v = _qkv(B, H, Hk, T, D, Dv, seed=T)
+    before = [t.clone() for t in (q, k, v)]
+    assert cpu_attention.applies(q, k, v, is_causal=True, scale=scale, enable_gqa=H != Hk)
+    with torch.inference_mode():
+        out = cpu_attention.causal(q, k, v, scale)
+    assert out.shape == (B, H, T, Dv or D) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _ref(q, k, v, scale), rtol=1e-5, atol=2e-5)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), before))
+
+
+def test_nan_where_sdpa_has_nan():
+    """A NaN in one query row: its block is recomputed by SDPA, so NaN lands where SDPA puts it, nowhere else."""
+    q, k, v = _qkv(1, 6, 2, 530, 16, seed=1)
+    q = q.clone()
+    q[0, 4, 300, 5] = float("nan")
+    with torch.inference_mode():
+        ours = cpu_attention.causal(q, k, v)
+        theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert ours.isnan().any() and torch.equal(ours.isnan(), theirs.isnan())
+    torch.testing.assert_close(ours.nan_to_num(), theirs.nan_to_num(), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["mask", "not causal", "dropout", "bfloat16", "short", "grad", "groups"])
+def test_applies_only_where_it_should(case):
+    q, k, v = _qkv(1, 4, 2, 520, 8)
+    kw = dict(is_causal=True, enable_gqa=True)
+    if case == "mask":
+        kw["attn_mask"] = torch.ones(520, 520, dtype=torch.bool)
+    elif case == "not causal":
+        kw["is_causal"] = False
+    elif case == "dropout":
+        kw["dropout_p"] = 0.1
+    elif case == "bfloat16":
+        q, k, v = (t.bfloat16() for t in (q, k, v))
+    elif case == "short":
+        q, k, v = _qkv(1, 4, 2, cpu_attention.MIN_POSITIONS - 1, 8)
+    elif case == "grad":
+        q.requires_grad_(True)
+    else:
+        kw["enable_gqa"] = False  # 4 query heads on 2 key/value heads without enable_gqa: SDPA's error to give
+    assert not cpu_attention.applies(q, k, v, **kw)
+    assert cpu_attention.applies(*_qkv(1, 4, 2, 520, 8), is_causal=True, enable_gqa=True)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=1024, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_model_forward_routed_and_unchanged(monkeypatch):
+    """A Llama forward inside cpu_forward: every linear layer and each layer's attention take the fast kernels,
+    and the logits are the model's own to float32 summation order."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 97, (2, 520), generator=torch.Generator().manual_seed(1))
+    calls = {"linear": 0, "attention": 0}
+    real_linear, real_causal = onednn.linear, cpu_attention.causal
+
+    def linear(*a, **kw):
+        calls["linear"] += onednn.applies(*a, **kw)
+        return real_linear(*a, **kw)
+
+    def causal(*a, **kw):
+        calls["attention"] += 1
+        return real_causal(*a, **kw)
+
+    with torch.inference_mode():
+        want = model(input_ids=ids, use_cache=False).logits
+        monkeypatch.setattr(onednn, "linear", linear)
+        monkeypatch.setattr(cpu_attention, "causal", causal)
+        with cpu_forward():
+            got = model(input_ids=ids, use_cache=False).logits
+    assert calls == {"linear": 2 * 7 + 1, "attention": 2}  # q k v o gate up down per layer, and the head
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_training_forward_untouched():
+    """With autograd on, cpu_forward leaves every call to torch: gradients are the model's own."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 97, (1, 520), generator=torch.Generator().manual_seed(2))
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    grads = torch.autograd.grad(loss, [model.model.layers[0].self_attn.q_proj.weight])
+    with cpu_forward():
+        loss2 = model(input_ids=ids, labels=ids, use_cache=False).loss
+        grads2 = torch.autograd.grad(loss2, [model.model.layers[0].self_attn.q_proj.weight])
+    assert torch.equal(loss, loss2) and torch.equal(grads[0], grads2[0])
