@@ -14,7 +14,10 @@
 
 Each side runs in its own process (lm-eval from its own virtual environment), so that peak memory
 (VmHWM, reset after the model is loaded) is the evaluation's own. The floor is the model's forward
-FLOPs per token over the float32 matrix-multiply rate measured in this run.
+FLOPs per token over the float32 matrix-multiply rate measured in this run: the faster of torch.mm's (MKL's
+sgemm on x86) and oneDNN's, the one lmloss's CPU forward uses (lmloss/ops/onednn.py). On AMD CPUs MKL runs
+its AVX2 code at about half of oneDNN's rate, so a floor at torch.mm's rate would be no floor; both rates,
+and the share of the floor at torch.mm's, are printed.
 """
 
 from __future__ import annotations

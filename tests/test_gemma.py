@@ -83,8 +83,10 @@ LM_EVAL_512 = (-4339.8907470703125, -22015.30078125, -9747.13525390625)
 
 def test_lm_eval_preset_parity_with_bos_in_the_token_list(gemma, assets):
     """lm-eval scores with a float32 log_softmax over 262,144 classes, whose sum of exponentials
-    rounds low: its log-likelihoods sit 1.0-1.2e-5 above the exact ones. A float32 loop on lmloss's
-    windows reproduces them (bit for bit here); a float64 loop gives lmloss's numbers."""
+    rounds low: its log-likelihoods sit 1.0-1.2e-5 above the exact ones (recorded on an AVX2 host). A
+    float32 loop on lmloss's windows lands above the float64 one as lm-eval does (bit for bit with the
+    recorded numbers on that AVX2 host; 5e-6 above on an AVX-512 host, whose 16-lane sums round less);
+    a float64 loop gives lmloss's numbers."""
     from lmloss.cli_options import bos_in_tokens
 
     model, tokenizer = gemma
@@ -103,5 +105,5 @@ def test_lm_eval_preset_parity_with_bos_in_the_token_list(gemma, assets):
             z = model(torch.tensor([inputs]))[0, len(inputs) - w.n_scored:]
         f32 += float(z.log_softmax(-1).gather(-1, targets).sum())  # as lm-eval: float32, summed per window
         f64 += float(z.double().log_softmax(-1).gather(-1, targets).sum())
-    assert f32 == pytest.approx(LM_EVAL_512[0], rel=1e-7)  # bit for bit with the same threads
+    assert f32 == pytest.approx(LM_EVAL_512[0], rel=1.5e-5) and f32 > f64  # the float32 sum rounds low
     assert -result.per_document[0].totals.nll_nats == pytest.approx(f64, rel=1e-7)
