@@ -94,3 +94,14 @@ def test_turned_off_by_environment(monkeypatch):
     finally:
         monkeypatch.delenv("LMLOSS_ONEDNN")
         onednn.status.cache_clear()
+
+
+def test_respects_torch_backends_mkldnn_enabled():
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert not onednn.applies(x, w)
+        assert torch.equal(onednn.linear(x, w), torch.nn.functional.linear(x, w))
+    finally:
+        torch.backends.mkldnn.enabled = True
+    assert onednn.applies(x, w) == onednn.available()

@@ -12,7 +12,8 @@ layers here):
     - CPU, float32 input, weight and bias, the weight contiguous, the bias contiguous (a strided bias gives
       wrong numbers in torch 2.13), at least one input feature;
     - no autograd wanted (evaluation: under torch.no_grad or inference_mode, or no input requiring grad);
-    - x86-64 only (where MKL is the alternative), and `LMLOSS_ONEDNN=0` turns it off;
+    - x86-64 only (where MKL is the alternative); `LMLOSS_ONEDNN=0` turns it off, and so does
+      `torch.backends.mkldnn.enabled = False`;
     - `available()` checks once per process that the op exists and reproduces F.linear on values.
 The result is float32 accumulated in float32, like MKL's; only the summation order differs (relative
 differences ~1e-7 per product; SmolLM2's per-document log-likelihoods on 8 WikiText pages stay within 3.1e-6 of
@@ -77,7 +78,7 @@ def applies(x, weight, bias=None) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    return available()
+    return torch.backends.mkldnn.enabled and available()  # a user's torch.backends.mkldnn.enabled = False holds
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
