@@ -12,6 +12,8 @@ compiler, the flags and the CPU's feature flags, and loaded with ctypes. Nothing
 `LMLOSS_NATIVE=0` turns it off; `native.status()` says which and why. impl="native" by name raises when the
 library cannot be built (no C compiler, an unsupported one, an unwritable cache and temp folder).
 
+The same library holds the softmax of the CPU causal attention (causal_probs, used by cpu_attention.py).
+
 Numbers: the same formulas as chunked.nll_lse / chunked.grad_logits (target-shifted exp2 forward, lse-shifted
 renormalized backward, float64 where it matters) with the row sums accumulated in float32 lanes over 512
 columns and in float64 across them; rows whose sum overflows (a logit more than ~87 nats above the target's) or

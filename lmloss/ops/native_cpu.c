@@ -1,4 +1,5 @@
-/* lmloss native CPU kernels: the softmax row sums and the gradient of token_nll, one pass over the logits.
+/* lmloss native CPU kernels: the softmax row sums and the gradient of token_nll, one pass over the logits, and the
+causal attention's softmax rows (lmloss_causal_probs, at the end; used by cpu_attention.py).
 
 Built by lmloss/ops/native.py with the machine's C compiler (-O3 -march=native, no -ffast-math: NaN and
 infinity must survive) and loaded with ctypes; every function works on a range of rows, so Python worker
