@@ -50,7 +50,7 @@ def applies(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
-    return onednn.available() and native.available()
+    return onednn.enabled() and native.available()
 
 
 def causal(q, k, v, scale: float | None = None) -> torch.Tensor:
@@ -66,7 +66,6 @@ def causal(q, k, v, scale: float | None = None) -> torch.Tensor:
     keys = k.contiguous()                         # (B, Hk, T, D): k[:end] is one block of rows
     values_t = v.transpose(-1, -2).contiguous()   # (B, Hk, Dv, T)
     sums = torch.empty(group, BLOCK_ROWS, dtype=torch.float32)
-    product = torch.ops.mkldnn._linear_pointwise
     redo = []
     for b in range(B):
         for hk in range(Hk):
@@ -75,11 +74,11 @@ def causal(q, k, v, scale: float | None = None) -> torch.Tensor:
                 rows = i1 - i0
                 # the query heads that share key/value head hk, stacked: one product of group * rows rows
                 qs = q[b, hk * group:(hk + 1) * group, i0:i1].reshape(group * rows, D)
-                s = product(qs, keys[b, hk, :i1], None, "none", [], "").view(group, rows, i1)
+                s = onednn.product(qs, keys[b, hk, :i1]).view(group, rows, i1)
                 redo.extend((b, hk * group + g, i0, i1) for g in range(group)
                             if native.causal_probs(s[g], i0 + 1, c, sums[g]))
                 # oneDNN's weight operand must be contiguous: a strided one takes its reference path, 1000x slower
-                o = product(s.view(group * rows, i1), values_t[b, hk, :, :i1].contiguous(), None, "none", [], "")
+                o = onednn.product(s.view(group * rows, i1), values_t[b, hk, :, :i1].contiguous())
                 torch.div(o.view(group, rows, Dv).transpose(0, 1), sums[:, :rows, None].transpose(0, 1),
                           out=out_groups[b, i0:i1, hk])
     for b, h, i0, i1 in redo:  # NaN or infinite scores: SDPA's own numbers for those rows

@@ -52,7 +52,7 @@ class cpu_forward:
     """Context manager: the routes above for the code it wraps; a no-op where oneDNN is not available."""
 
     def __init__(self, enabled: bool = True):
-        self._mode = _Routes() if enabled and onednn.available() else None
+        self._mode = _Routes() if enabled and onednn.enabled() else None
 
     def __enter__(self):
         if self._mode is not None:

@@ -232,14 +232,14 @@ def _logits_tile(buf, h, w_block, b_block, softcap, shift=None):
     """z - shift[:, None], z = h @ w_block.T (+ b_block) (softcapped), as (rows, cols) float32 (or
     float64). With a staging buffer, z is written into it, and without bias or softcap the shift
     rides in the matmul (addmm, no extra pass); where oneDNN takes the product (CPU float32), z is a fresh
-    tensor and the shift one more pass over it, in cache. buf=None: h and w_block are bf16/fp16 on CUDA and
+    tensor (no buffer needed) and the shift one more pass over it, in cache. Otherwise buf=None: h and w_block are bf16/fp16 on CUDA and
     the product comes from the tensor cores with float32 output (_mm.mm_f32), in a fresh tensor."""
-    if buf is None:
+    if onednn.applies(h, w_block, b_block):  # CPU float32: oneDNN's GEMM, 2.2x MKL's on AMD (onednn.py)
+        tile = onednn.linear(h, w_block, b_block)
+    elif buf is None:
         tile = _mm.mm_f32(h, w_block.T)
         if b_block is not None:
             tile += b_block
-    elif onednn.applies(h, w_block, b_block):  # CPU float32: oneDNN's GEMM, 2.2x MKL's on AMD (onednn.py)
-        tile = onednn.linear(h, w_block, b_block)
     else:
         tile = buf[: h.shape[0] * w_block.shape[0]].view(h.shape[0], w_block.shape[0])
         if b_block is None and softcap is None and shift is not None:
@@ -273,8 +273,10 @@ def _forward_chunked(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
     lse = torch.empty(N, dtype=torch.float64, device=h2.device)  # the running lse, summed in float64
     target_logit = torch.zeros(N, dtype=dt, device=h2.device)
 
+    tiles_on_onednn = onednn.applies(h2, weight, bias)  # then every tile is, and needs no staging buffer
+
     def row_range(start, end):
-        buf = torch.empty(min(rows, end - start) * cols, dtype=dt, device=h2.device)
+        buf = None if tiles_on_onednn else torch.empty(min(rows, end - start) * cols, dtype=dt, device=h2.device)
         hs = [h2[r0:min(r0 + rows, end)].to(dt) for r0 in range(start, end, rows)]  # one upcast each
         for c0 in range(0, V, cols):
             w_block = weight[c0:c0 + cols].to(dt)
@@ -301,7 +303,7 @@ def _fold_block(h, w_block, b_block, softcap, buf, t, c0, L, target_logit, *, fi
         shift = z.amax(dim=1)
         z.sub_(shift[:, None])
     else:
-        shift = L.to(buf.dtype)
+        shift = L.to(h.dtype)  # the tile's dtype (h is upcast to it)
         z = _logits_tile(buf, h, w_block, b_block, softcap, shift)  # (rows, cols) z - shift
     # 2. the target logit, from the tile that holds it (same rounding as the lse)
     t_local = t - c0

@@ -35,6 +35,12 @@ def _op():
     return torch.ops.mkldnn._linear_pointwise
 
 
+def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T by oneDNN, unchecked: float32 CPU x (..., K), a contiguous float32 weight (N, K), where
+    `enabled()`. For callers that hold those conditions themselves (cpu_attention.py); others call `linear`."""
+    return _op()(x, weight, None, "none", [], "")
+
+
 @functools.lru_cache(maxsize=None)
 def status() -> tuple[bool, str]:
     """(available, a line saying why or why not); decided once per process."""
@@ -62,6 +68,11 @@ def available() -> bool:
     return status()[0]
 
 
+def enabled() -> bool:
+    """available(), and not turned off by the user's torch.backends.mkldnn.enabled = False."""
+    return torch.backends.mkldnn.enabled and available()
+
+
 def applies(x, weight, bias=None) -> bool:
     """Whether linear(x, weight, bias) runs on oneDNN (else it is F.linear)."""
     if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
@@ -78,7 +89,7 @@ def applies(x, weight, bias=None) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    return torch.backends.mkldnn.enabled and available()  # a user's torch.backends.mkldnn.enabled = False holds
+    return enabled()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
