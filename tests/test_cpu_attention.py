@@ -124,3 +124,13 @@ def test_training_forward_untouched():
         loss2 = model(input_ids=ids, labels=ids, use_cache=False).loss
         grads2 = torch.autograd.grad(loss2, [model.model.layers[0].self_attn.q_proj.weight])
     assert torch.equal(loss, loss2) and torch.equal(grads[0], grads2[0])
+
+
+def test_off_when_the_user_turns_onednn_off():
+    q, k, v = _qkv(1, 4, 2, 520, 8)
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert not cpu_attention.applies(q, k, v, is_causal=True, enable_gqa=True)
+    finally:
+        torch.backends.mkldnn.enabled = True
+    assert cpu_attention.applies(q, k, v, is_causal=True, enable_gqa=True)
