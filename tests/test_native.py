@@ -36,6 +36,7 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("LMLOSS_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_reason", None)
+    monkeypatch.setattr(native, "_omp", native._omp)  # restored after the test, with _lib
     return tmp_path
 
 
@@ -201,3 +202,76 @@ def test_inputs_untouched_and_float64_goes_to_the_eager_path():
     x64 = keep.double()
     assert not native.handles(x64)
     torch.testing.assert_close(lmloss.token_nll(x64, t, impl="native"), _ref_nll(x64, t), atol=1e-12, rtol=0)
+
+
+GCC = shutil.which("gcc") is not None and "Free Software Foundation" in __import__("subprocess").run(
+    ["gcc", "--version"], capture_output=True, text=True).stdout
+TORCH_ON_LIBGOMP = len(native._openmp_runtimes()) == 1
+
+
+@pytest.mark.skipif(not (GCC and TORCH_ON_LIBGOMP and native.available()),
+                    reason="needs GCC and a torch on GCC's OpenMP runtime (the Linux wheels)")
+def test_rows_run_on_torchs_own_openmp_threads():
+    """Built with -fopenmp, the library binds to the libgomp torch loaded: one OpenMP runtime in the process."""
+    runtime = native._openmp_runtimes()
+    assert native._omp and len(runtime) == 1
+    assert "torch" in next(iter(runtime))  # the wheel's copy, not a second runtime from the system
+    assert "OpenMP" in native.status()[1]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_openmp_and_python_threads_give_the_same_bits(monkeypatch, dtype):
+    """The OpenMP drivers and parallel_rows split the same per-row loops: bitwise equal forward, backward and
+    attention probabilities (and right against float64)."""
+    torch.manual_seed(3)
+    x = (torch.randn(157, 2049) * 5).to(dtype)
+    x[7, 11] = float("nan")
+    t = torch.randint(0, 2049, (157,))
+    t[3] = -100
+    g = torch.rand(157)
+    scores = torch.randn(93, 300)
+
+    def run():
+        xg = x.clone().requires_grad_()
+        nll = lmloss.token_nll(xg, t, impl="native")
+        s, sums = scores.clone(), torch.empty(93)
+        bad = native.causal_probs(s, 208, 0.3, sums)
+        return nll, torch.autograd.grad(nll, xg, g)[0], s, sums, bad
+
+    outs = []
+    for omp in (native._omp, False):
+        monkeypatch.setattr(native, "_omp", omp)
+        outs.append(run())
+    for a, b in zip(*outs):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # bitwise, NaN where NaN
+        else:
+            assert a == b
+    nll = outs[0][0]
+    assert nll[7].isnan() and nll[3] == 0
+    ok = torch.arange(157) != 7
+    torch.testing.assert_close(nll[ok].double(), _ref_nll(x.float(), t)[ok], atol=2e-5 if dtype == torch.float32 else 1e-4, rtol=0)
+    k = (torch.arange(93) + 208).clamp(max=300)  # row i sees columns j < 208 + i
+    mask = torch.arange(300)[None, :] < k[:, None]
+    z = torch.where(mask, scores.double() * (0.3 / math.log2(math.e)), -math.inf)  # c = scale * log2(e)
+    p = torch.exp(z - z.amax(1, keepdim=True))
+    torch.testing.assert_close(outs[0][2].double(), p, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(outs[0][3].double(), p.sum(1), atol=0, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_an_openmp_build_that_fails_falls_back_to_the_plain_one(fresh, monkeypatch):
+    """A compiler that cannot build or link the OpenMP library still gives a working one, on Python threads."""
+    monkeypatch.setattr(native, "_openmp_flags", lambda version: ("-fopenmp", "-fno-such-flag-lmloss"))
+    ok, why = native.status()
+    assert ok and not native._omp and "Python worker threads" in why
+    assert len(list((fresh / "native").glob("*.so"))) == 1
+    x, t = torch.randn(9, 515), torch.randint(0, 515, (9,))
+    torch.testing.assert_close(lmloss.token_nll(x, t, impl="native").double(), _ref_nll(x, t), atol=2e-6, rtol=0)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_openmp_turned_off(fresh, monkeypatch):
+    monkeypatch.setenv("LMLOSS_NATIVE_OPENMP", "0")
+    assert native.available() and not native._omp

@@ -225,3 +225,47 @@ int64_t lmloss_causal_probs(float *s, int64_t n, int64_t first, float c, int64_t
     }
     return bad_rows;
 }
+
+/* The same three loops over all rows [0, n_rows) on the calling thread's OpenMP team of n_threads threads, each
+   thread taking the next `chunk` rows when it is free (an atomic counter: a thread whose core is busy does less
+   of the work). Built with -fopenmp only where torch's own OpenMP runtime (libgomp) is loaded, so these run
+   on the threads torch's parallel ops use: no second set of threads competing with them for the cores.
+   lmloss_omp_threads() is 0 in a build without OpenMP (then native.py splits rows between Python threads). */
+#ifdef _OPENMP
+#include <omp.h>
+int lmloss_omp_threads(void) { return omp_get_max_threads(); }
+#else
+int lmloss_omp_threads(void) { return 0; }
+#endif
+
+#define FOR_CHUNKS(BODY)                                                          \
+    int64_t next = 0;                                                             \
+    _Pragma("omp parallel num_threads(n_threads)")                               \
+    for (;;) {                                                                    \
+        int64_t r0 = __atomic_fetch_add(&next, chunk, __ATOMIC_RELAXED);          \
+        if (r0 >= n_rows)                                                         \
+            break;                                                                \
+        int64_t r1 = r0 + chunk < n_rows ? r0 + chunk : n_rows;                   \
+        BODY;                                                                     \
+    }
+
+void lmloss_row_sums_all(const void *x, int dtype, int64_t row_stride, int64_t V, float L, const float *c,
+                         int64_t n_rows, int64_t chunk, int n_threads, double *sums) {
+    FOR_CHUNKS(lmloss_row_sums(x, dtype, row_stride, V, L, c, r0, r1, sums))
+}
+
+int lmloss_row_grads_all(const void *x, int dtype, int64_t row_stride, int64_t V, float L, const float *c,
+                         const int64_t *targets, const float *g, int64_t n_rows, int64_t chunk, int n_threads,
+                         void *out) {
+    int failed = 0;
+    FOR_CHUNKS(if (lmloss_row_grads(x, dtype, row_stride, V, L, c, targets, g, r0, r1, out))
+                   __atomic_store_n(&failed, 1, __ATOMIC_RELAXED))
+    return failed ? -1 : 0;
+}
+
+int64_t lmloss_causal_probs_all(float *s, int64_t n, int64_t first, float c, int64_t n_rows, int64_t chunk,
+                                int n_threads, float *sums) {
+    int64_t bad_rows = 0;
+    FOR_CHUNKS(__atomic_fetch_add(&bad_rows, lmloss_causal_probs(s, n, first, c, r0, r1, sums), __ATOMIC_RELAXED))
+    return bad_rows;
+}
