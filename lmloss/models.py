@@ -65,12 +65,12 @@ class LoadedModel:
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) int64 -> logits (B, T, V)."""
-        with cpu_forward():
+        with cpu_forward(module=self.module):
             return self.module(input_ids=input_ids, use_cache=False).logits
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) int64 -> last hidden state (B, T, d), the input of `head`."""
-        with cpu_forward():
+        with cpu_forward(module=self.module):
             return self.module.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
 
     @property

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lmloss.ops import cpu_attention, onednn
+from lmloss.ops import cpu_attention, cpu_layers, onednn
 
 _F_LINEAR = torch.nn.functional.linear
 _SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -49,17 +49,26 @@ class _Routes(TorchFunctionMode):
 
 
 class cpu_forward:
-    """Context manager: the routes above for the code it wraps; a no-op where oneDNN is not available."""
+    """Context manager: the routes above for the code it wraps; a no-op where oneDNN is not available. Given
+    the model's module, also its Llama layers' elementwise ops in C (lmloss/ops/cpu_layers.py)."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, module: torch.nn.Module | None = None):
         self._mode = _Routes() if enabled and onednn.enabled() else None
+        self._module = module if self._mode is not None else None
+        self._layers = None
 
     def __enter__(self):
         if self._mode is not None:
             self._mode.__enter__()
+        if self._module is not None:
+            self._layers = cpu_layers.routes(self._module)
+            self._layers.__enter__()
         return self
 
     def __exit__(self, *exc):
+        if self._layers is not None:
+            self._layers.__exit__(*exc)
+            self._layers = None
         if self._mode is not None:
             return self._mode.__exit__(*exc)
         return False

@@ -46,7 +46,7 @@ from lmloss.ops._checks import compute_dtype
 from lmloss.ops._threads import advise_huge_pages, parallel_rows
 
 _SOURCE = Path(__file__).with_name("native_cpu.c")
-_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared")
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd", "-fPIC", "-shared")
 _CHUNKS_PER_THREAD = 16  # OpenMP drivers: rows are handed out in chunks of about rows / (threads * this)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MIN_RANGE_ROWS = 4  # rows per worker range at least: one ctypes call each
@@ -189,6 +189,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmloss_row_grads_all.restype = i32
     lib.lmloss_causal_probs_all.argtypes = [vp, i64, i64, f32, i64, i64, i32, vp]
     lib.lmloss_causal_probs_all.restype = i64
+    lib.lmloss_rms_norm_all.argtypes = [vp, vp, f32, i64, i64, i64, i32, vp]
+    lib.lmloss_rms_norm_all.restype = None
+    lib.lmloss_silu_mul_all.argtypes = [vp, vp, i64, i64, i32, vp]
+    lib.lmloss_silu_mul_all.restype = None
+    lib.lmloss_rope_all.argtypes = [vp, i64, i64, i64, vp, vp, i64, i64, i64, i64, i64, i64, i32, vp]
+    lib.lmloss_rope_all.restype = None
     # the drivers only where they run on the runtime that was already here (torch's), not on a second one
     _omp = lib.lmloss_omp_threads() > 0 and len(before) == 1 and _openmp_runtimes() == before
     lib.lmloss_row_sums.argtypes = [vp, ctypes.c_int, i64, i64, f32, vp, i64, i64, vp]
@@ -283,3 +289,50 @@ def causal_probs(scores: torch.Tensor, first: int, c: float, sums: torch.Tensor)
         return lib.lmloss_causal_probs_all(scores.data_ptr(), n, first, c, rows, _chunk(rows, n_threads),
                                            n_threads, sums.data_ptr())
     return lib.lmloss_causal_probs(scores.data_ptr(), n, first, c, 0, rows, sums.data_ptr())
+
+
+# Elementwise layers (native_cpu.c; lmloss/ops/cpu_layers.py decides when they apply): float32, contiguous
+# where it says so, unchecked beyond the asserts; each writes a new tensor and leaves its inputs alone.
+
+def _threads_and_chunk(n_rows: int) -> tuple[int, int]:
+    n_threads = torch.get_num_threads() if _omp else 1
+    return n_threads, _chunk(n_rows, n_threads)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2, -1) + eps)) for contiguous float32 x (..., n) and weight (n,)."""
+    lib = _require()
+    n = x.shape[-1]
+    assert x.dtype == weight.dtype == torch.float32 and x.is_contiguous() and weight.is_contiguous()
+    assert weight.shape == (n,) and n > 0
+    out = torch.empty_like(x)
+    rows = x.numel() // n
+    n_threads, chunk = _threads_and_chunk(rows)
+    lib.lmloss_rms_norm_all(x.data_ptr(), weight.data_ptr(), eps, n, rows, chunk, n_threads, out.data_ptr())
+    return out
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """F.silu(g) * u for contiguous float32 g and u of one shape."""
+    lib = _require()
+    assert g.dtype == u.dtype == torch.float32 and g.shape == u.shape and g.is_contiguous() and u.is_contiguous()
+    out = torch.empty_like(g)
+    n_threads, chunk = _threads_and_chunk(-(-g.numel() // 4096))  # SILU_BLOCK elements per row
+    lib.lmloss_silu_mul_all(g.data_ptr(), u.data_ptr(), g.numel(), chunk, n_threads, out.data_ptr())
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos[:, None] + rotate_half(x) * sin[:, None] (transformers' apply_rotary_pos_emb on one tensor) for
+    float32 x (B, H, T, D) with unit stride over D (any other strides), cos and sin contiguous (B or 1, T, D),
+    D even. Returns a contiguous (B, H, T, D) tensor."""
+    lib = _require()
+    B, H, T, D = x.shape
+    assert x.dtype == cos.dtype == sin.dtype == torch.float32 and x.stride(3) == 1 and D % 2 == 0
+    assert cos.shape == sin.shape and cos.dim() == 3 and cos.shape[0] in (1, B) and cos.shape[1:] == (T, D)
+    assert cos.is_contiguous() and sin.is_contiguous()
+    out = torch.empty(B, H, T, D, dtype=torch.float32)
+    n_threads, chunk = _threads_and_chunk(B * H * T)
+    lib.lmloss_rope_all(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(),
+                        cos.shape[0], B, H, T, D, chunk, n_threads, out.data_ptr())
+    return out

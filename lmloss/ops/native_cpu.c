@@ -238,7 +238,7 @@ int lmloss_omp_threads(void) { return omp_get_max_threads(); }
 int lmloss_omp_threads(void) { return 0; }
 #endif
 
-#define FOR_CHUNKS(BODY)                                                          \
+#define FOR_CHUNKS(...)                                                           \
     int64_t next = 0;                                                             \
     _Pragma("omp parallel num_threads(n_threads)")                               \
     for (;;) {                                                                    \
@@ -246,7 +246,7 @@ int lmloss_omp_threads(void) { return 0; }
         if (r0 >= n_rows)                                                         \
             break;                                                                \
         int64_t r1 = r0 + chunk < n_rows ? r0 + chunk : n_rows;                   \
-        BODY;                                                                     \
+        __VA_ARGS__;                                                              \
     }
 
 void lmloss_row_sums_all(const void *x, int dtype, int64_t row_stride, int64_t V, float L, const float *c,
@@ -268,4 +268,79 @@ int64_t lmloss_causal_probs_all(float *s, int64_t n, int64_t first, float c, int
     int64_t bad_rows = 0;
     FOR_CHUNKS(__atomic_fetch_add(&bad_rows, lmloss_causal_probs(s, n, first, c, r0, r1, sums), __ATOMIC_RELAXED))
     return bad_rows;
+}
+
+/* Elementwise layers of a Llama-family forward, float32, each in one pass (lmloss/ops/cpu_layers.py):
+       rms_norm  out_i = w * (x_i * (1 / sqrt(mean(x_i^2) + eps)))   per row of n, the products rounded as torch's
+                 LlamaRMSNorm rounds them; the mean's sum in float32 lanes over 512 columns, double across
+       silu_mul  out = (g / (1 + exp(-g))) * u
+       rope      out[b,h,t,:] = x * cos[b,t,:] + rotate_half(x) * sin[b,t,:], rotate_half(x) = (-x[D/2:], x[:D/2]),
+                 x read through its strides (a transposed projection), out contiguous (B, H, T, D) */
+static void rms_norm_rows(const float *x, const float *w, float eps, int64_t n, int64_t r0, int64_t r1, float *out) {
+    for (int64_t i = r0; i < r1; ++i) {
+        const float *row = x + i * n;
+        float *o = out + i * n;
+        double total = 0.0;
+        for (int64_t j0 = 0; j0 < n; j0 += COLS_PER_PARTIAL) {
+            int64_t j1 = j0 + COLS_PER_PARTIAL < n ? j0 + COLS_PER_PARTIAL : n;
+            float acc = 0.0f;
+            _Pragma("omp simd reduction(+:acc)")
+            for (int64_t j = j0; j < j1; ++j)
+                acc += row[j] * row[j];
+            total += (double)acc;
+        }
+        const float r = 1.0f / sqrtf((float)(total / (double)n) + eps);
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < n; ++j) {
+            o[j] = w[j] * (row[j] * r);  /* two roundings, as torch's two products */
+        }
+    }
+}
+
+void lmloss_rms_norm_all(const float *x, const float *w, float eps, int64_t n, int64_t n_rows, int64_t chunk,
+                         int n_threads, float *out) {
+    FOR_CHUNKS(rms_norm_rows(x, w, eps, n, r0, r1, out))
+}
+
+#define SILU_BLOCK 4096
+void lmloss_silu_mul_all(const float *g, const float *u, int64_t n, int64_t chunk, int n_threads, float *out) {
+    const int64_t n_rows = (n + SILU_BLOCK - 1) / SILU_BLOCK;  /* blocks of SILU_BLOCK elements */
+    FOR_CHUNKS({
+        int64_t j1 = r1 * SILU_BLOCK < n ? r1 * SILU_BLOCK : n;
+        _Pragma("omp simd")
+        for (int64_t j = r0 * SILU_BLOCK; j < j1; ++j) {
+            /* exp(-g) = 2^(y + y_lo): y = -g log2(e) rounded, y_lo its rounding error and log2(e)'s, so that
+               the product's rounding (~|y| 2^-24) does not grow with |g| */
+            const float m = -g[j], y = m * 1.4426950408889634f;
+            const float y_lo = fmaf(m, 1.4426950408889634f, -y) + m * 1.9259629911e-08f;
+            float e = exp2_poly(y);
+            e = fmaf(e, y_lo * 0.69314718056f, e);
+            out[j] = (g[j] / (1.0f + e)) * u[j];
+        }
+    })
+}
+
+/* rows (b, h, t) in that order; x element (b, h, t, d) at x + b*sb + h*sh + t*st + d (unit stride over d);
+   cos and sin (Bc, T, D) contiguous with Bc = B or 1 (broadcast over the batch) */
+void lmloss_rope_all(const float *x, int64_t sb, int64_t sh, int64_t st, const float *cs, const float *sn,
+                     int64_t Bc, int64_t B, int64_t H, int64_t T, int64_t D, int64_t chunk, int n_threads,
+                     float *out) {
+    const int64_t n_rows = B * H * T, half = D / 2;
+    FOR_CHUNKS({
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t b = r / (H * T), h = (r / T) % H, t = r % T;
+            const float *xr = x + b * sb + h * sh + t * st;
+            const int64_t cb = Bc == 1 ? 0 : b;
+            const float *c = cs + (cb * T + t) * D, *s = sn + (cb * T + t) * D;
+            float *o = out + r * D;
+            _Pragma("omp simd")
+            for (int64_t d = 0; d < half; ++d) {
+                o[d] = xr[d] * c[d] + (-xr[d + half]) * s[d];  /* no fma (-ffp-contract=off): torch's roundings */
+            }
+            _Pragma("omp simd")
+            for (int64_t d = half; d < D; ++d) {
+                o[d] = xr[d] * c[d] + xr[d - half] * s[d];
+            }
+        }
+    })
 }
