@@ -231,13 +231,19 @@ def test_openmp_and_python_threads_give_the_same_bits(monkeypatch, dtype):
     t[3] = -100
     g = torch.rand(157)
     scores = torch.randn(93, 300)
+    stacked = torch.randn(3 * 40, 300)  # three heads' 40 rows each, as cpu_attention stacks them
+    o = torch.randn(3, 40, 24)
 
     def run():
         xg = x.clone().requires_grad_()
         nll = lmloss.token_nll(xg, t, impl="native")
         s, sums = scores.clone(), torch.empty(93)
         bad = native.causal_probs(s, 208, 0.3, sums)
-        return nll, torch.autograd.grad(nll, xg, g)[0], s, sums, bad
+        s2, sums2 = stacked.clone(), torch.empty(120)
+        native.causal_probs(s2, 250, 0.3, sums2, period=40)
+        out = torch.empty(40, 5, 3, 24)[:, 1]  # (rows, group, Dv) inside a wider tensor
+        native.divide_rows(o, sums2.view(3, 40), out)
+        return nll, torch.autograd.grad(nll, xg, g)[0], s, sums, bad, s2, sums2, out
 
     outs = []
     for omp in (native._omp, False):
@@ -258,6 +264,13 @@ def test_openmp_and_python_threads_give_the_same_bits(monkeypatch, dtype):
     p = torch.exp(z - z.amax(1, keepdim=True))
     torch.testing.assert_close(outs[0][2].double(), p, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(outs[0][3].double(), p.sum(1), atol=0, rtol=1e-5)
+    # stacked heads: row i of each head sees j < 250 + i
+    seen = torch.arange(300)[None, :] < (250 + torch.arange(120) % 40)[:, None]
+    z = torch.where(seen, stacked.double() * (0.3 / math.log2(math.e)), -math.inf)
+    p2 = torch.exp(z - z.amax(1, keepdim=True))
+    torch.testing.assert_close(outs[0][5].double(), p2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(outs[0][6].double(), p2.sum(1), atol=0, rtol=1e-5)
+    assert torch.equal(outs[0][7], (o / outs[0][6].view(3, 40, 1)).transpose(0, 1))  # torch.div's numbers
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler")

@@ -65,7 +65,7 @@ def causal(q, k, v, scale: float | None = None) -> torch.Tensor:
     out_groups = out.view(B, T, Hk, group, Dv)
     keys = k.contiguous()                         # (B, Hk, T, D): k[:end] is one block of rows
     values_t = v.transpose(-1, -2).contiguous()   # (B, Hk, Dv, T)
-    sums = torch.empty(group, BLOCK_ROWS, dtype=torch.float32)
+    sums_buffer = torch.empty(group * BLOCK_ROWS, dtype=torch.float32)
     redo = []
     for b in range(B):
         for hk in range(Hk):
@@ -74,13 +74,13 @@ def causal(q, k, v, scale: float | None = None) -> torch.Tensor:
                 rows = i1 - i0
                 # the query heads that share key/value head hk, stacked: one product of group * rows rows
                 qs = q[b, hk * group:(hk + 1) * group, i0:i1].reshape(group * rows, D)
-                s = onednn.product(qs, keys[b, hk, :i1]).view(group, rows, i1)
-                redo.extend((b, hk * group + g, i0, i1) for g in range(group)
-                            if native.causal_probs(s[g], i0 + 1, c, sums[g]))
+                s = onednn.product(qs, keys[b, hk, :i1])  # (group * rows, i1)
+                sums = sums_buffer[:group * rows]
+                if native.causal_probs(s, i0 + 1, c, sums, period=rows):
+                    redo.extend((b, hk * group + g, i0, i1) for g in range(group))
                 # oneDNN's weight operand must be contiguous: a strided one takes its reference path, 1000x slower
-                o = onednn.product(s.view(group * rows, i1), values_t[b, hk, :, :i1].contiguous())
-                torch.div(o.view(group, rows, Dv).transpose(0, 1), sums[:, :rows, None].transpose(0, 1),
-                          out=out_groups[b, i0:i1, hk])
+                o = onednn.product(s, values_t[b, hk, :, :i1].contiguous())
+                native.divide_rows(o.view(group, rows, Dv), sums.view(group, rows), out_groups[b, i0:i1, hk])
     for b, h, i0, i1 in redo:  # NaN or infinite scores: SDPA's own numbers for those rows
         hk = h // group
         mask = torch.ones(i1 - i0, i1, dtype=torch.bool).tril(diagonal=i0)

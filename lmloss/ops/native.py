@@ -187,8 +187,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmloss_row_sums_all.restype = None
     lib.lmloss_row_grads_all.argtypes = [vp, i32, i64, i64, f32, vp, vp, vp, i64, i64, i32, vp]
     lib.lmloss_row_grads_all.restype = i32
-    lib.lmloss_causal_probs_all.argtypes = [vp, i64, i64, f32, i64, i64, i32, vp]
+    lib.lmloss_causal_probs_all.argtypes = [vp, i64, i64, i64, f32, i64, i64, i32, vp]
     lib.lmloss_causal_probs_all.restype = i64
+    lib.lmloss_divide_rows_all.argtypes = [vp, vp, i64, i64, i64, i64, i64, i64, i32, vp]
+    lib.lmloss_divide_rows_all.restype = None
     lib.lmloss_rms_norm_all.argtypes = [vp, vp, f32, i64, i64, i64, i32, vp]
     lib.lmloss_rms_norm_all.restype = None
     lib.lmloss_silu_mul_all.argtypes = [vp, vp, i64, i64, i32, vp]
@@ -201,7 +203,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmloss_row_sums.restype = None
     lib.lmloss_row_grads.argtypes = [vp, ctypes.c_int, i64, i64, f32, vp, vp, vp, i64, i64, vp]
     lib.lmloss_row_grads.restype = ctypes.c_int
-    lib.lmloss_causal_probs.argtypes = [vp, i64, i64, f32, i64, i64, vp]
+    lib.lmloss_causal_probs.argtypes = [vp, i64, i64, i64, f32, i64, i64, vp]
     lib.lmloss_causal_probs.restype = i64
     return lib
 
@@ -276,19 +278,33 @@ def grad_logits(logits, targets, lse, grad_nll, out):
     return out
 
 
-def causal_probs(scores: torch.Tensor, first: int, c: float, sums: torch.Tensor) -> int:
+def causal_probs(scores: torch.Tensor, first: int, c: float, sums: torch.Tensor, period: int | None = None) -> int:
     """In place on a contiguous float32 (rows, n) block of attention scores whose row i sees the columns
-    j < first + i: scores <- exp(scale * (s - rowmax)) there and 0 beyond, sums[:rows] <- their row sums
-    (float32), c = scale * log2(e). Returns how many rows hold a NaN or infinite score (native_cpu.c)."""
+    j < first + (i mod period) (period: rows per head where the block stacks heads; default all rows):
+    scores <- exp(scale * (s - rowmax)) there and 0 beyond, sums[:rows] <- their row sums (float32),
+    c = scale * log2(e). Returns how many rows hold a NaN or infinite score (native_cpu.c)."""
     lib = _require()
     rows, n = scores.shape
+    period = rows if period is None else period
     assert scores.dtype == torch.float32 and scores.is_contiguous() and sums.dtype == torch.float32
-    assert sums.is_contiguous() and sums.numel() >= rows
+    assert sums.is_contiguous() and sums.numel() >= rows and period > 0
     if _omp:
         n_threads = torch.get_num_threads()
-        return lib.lmloss_causal_probs_all(scores.data_ptr(), n, first, c, rows, _chunk(rows, n_threads),
+        return lib.lmloss_causal_probs_all(scores.data_ptr(), n, first, period, c, rows, _chunk(rows, n_threads),
                                            n_threads, sums.data_ptr())
-    return lib.lmloss_causal_probs(scores.data_ptr(), n, first, c, 0, rows, sums.data_ptr())
+    return lib.lmloss_causal_probs(scores.data_ptr(), n, first, period, c, 0, rows, sums.data_ptr())
+
+
+def divide_rows(o: torch.Tensor, sums: torch.Tensor, out: torch.Tensor) -> None:
+    """out[r, g, :] = o[g, r, :] / sums[g, r] for contiguous float32 o (group, rows, Dv) and sums (group, rows),
+    out a float32 (rows, group, Dv) view with unit stride over Dv (the attention's output layout)."""
+    lib = _require()
+    group, rows, Dv = o.shape
+    assert o.dtype == sums.dtype == out.dtype == torch.float32 and o.is_contiguous() and sums.is_contiguous()
+    assert sums.shape == (group, rows) and out.shape == (rows, group, Dv) and out.stride(2) == 1
+    n_threads, chunk = _threads_and_chunk(group * rows)
+    lib.lmloss_divide_rows_all(o.data_ptr(), sums.data_ptr(), group, rows, Dv, out.stride(0), out.stride(1), chunk,
+                               n_threads, out.data_ptr())
 
 
 # Elementwise layers (native_cpu.c; lmloss/ops/cpu_layers.py decides when they apply): float32, contiguous

@@ -186,17 +186,20 @@ int lmloss_row_grads(const void *x, int dtype, int64_t row_stride, int64_t V, fl
 }
 
 /* Causal attention's probabilities, unnormalized, in place on rows [r0, r1) of a float32 score block s (row i
-   at s + i * n) whose row i sees the columns j < k_i = min(n, first + i):
+   at s + i * n) whose row i sees the columns j < k_i = min(n, first + i mod period) (period: the rows of one
+   head, where the block stacks several heads' rows):
        m_i = max_{j < k_i} s_ij,   s_ij <- 2^(fma(s_ij, c, -m_i c)) for j < k_i, 0 for j >= k_i,
        sums[i] = sum_{j < k_i} s_ij   (float32 lanes per 512 columns, double across, then float32)
    with c = scale * log2(e) > 0, so 2^(c (s - m)) = exp(scale (s - m)) up to the rounding of m c, a factor common
    to the row that the normalization by sums[i] cancels. Returns the number of rows whose sum is not a positive
    finite number (a NaN or infinite score in the row): the caller recomputes those blocks another way. */
-int64_t lmloss_causal_probs(float *s, int64_t n, int64_t first, float c, int64_t r0, int64_t r1, float *sums) {
+int64_t lmloss_causal_probs(float *s, int64_t n, int64_t first, int64_t period, float c, int64_t r0, int64_t r1,
+                            float *sums) {
     int64_t bad_rows = 0;
     for (int64_t i = r0; i < r1; ++i) {
         float *row = s + i * n;
-        int64_t k = first + i < n ? first + i : n;
+        const int64_t seen = first + i % period;
+        int64_t k = seen < n ? seen : n;
         float m = -INFINITY;
         _Pragma("omp simd reduction(max:m)")
         for (int64_t j = 0; j < k; ++j)
@@ -263,11 +266,31 @@ int lmloss_row_grads_all(const void *x, int dtype, int64_t row_stride, int64_t V
     return failed ? -1 : 0;
 }
 
-int64_t lmloss_causal_probs_all(float *s, int64_t n, int64_t first, float c, int64_t n_rows, int64_t chunk,
-                                int n_threads, float *sums) {
+int64_t lmloss_causal_probs_all(float *s, int64_t n, int64_t first, int64_t period, float c, int64_t n_rows,
+                                int64_t chunk, int n_threads, float *sums) {
     int64_t bad_rows = 0;
-    FOR_CHUNKS(__atomic_fetch_add(&bad_rows, lmloss_causal_probs(s, n, first, c, r0, r1, sums), __ATOMIC_RELAXED))
+    FOR_CHUNKS(__atomic_fetch_add(&bad_rows, lmloss_causal_probs(s, n, first, period, c, r0, r1, sums),
+                                  __ATOMIC_RELAXED))
     return bad_rows;
+}
+
+/* The attention's output rows divided by their probability sums, into the (T, heads, Dv) layout the output
+   projection reads: out[r * out_row + g * out_head + d] = o[(g * rows + r) * Dv + d] / sums[g * rows + r]
+   for g < group, r < rows, d < Dv (one division each: torch.div's numbers). */
+void lmloss_divide_rows_all(const float *o, const float *sums, int64_t group, int64_t rows, int64_t Dv,
+                            int64_t out_row, int64_t out_head, int64_t chunk, int n_threads, float *out) {
+    const int64_t n_rows = group * rows;
+    FOR_CHUNKS({
+        for (int64_t i = r0; i < r1; ++i) {
+            const int64_t g = i / rows, r = i % rows;
+            const float *src = o + i * Dv;
+            float *dst = out + r * out_row + g * out_head;
+            const float sum = sums[i];
+            _Pragma("omp simd")
+            for (int64_t d = 0; d < Dv; ++d)
+                dst[d] = src[d] / sum;
+        }
+    })
 }
 
 /* Elementwise layers of a Llama-family forward, float32, each in one pass (lmloss/ops/cpu_layers.py):
