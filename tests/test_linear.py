@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import lmloss
 import lmloss.ops.linear as linear_mod
+from lmloss.ops import native, onednn
 
 
 def reference_nll(hidden, weight, targets, bias=None, softcap=None, ignore_index=-100):
@@ -142,6 +143,37 @@ def test_nan_in_hidden_gives_nan_for_that_token():
     hidden[2, 0] = float("nan")
     out = lmloss.linear_token_nll(hidden, weight, targets)
     assert out[2].isnan() and out[[0, 1, 3]].isfinite().all()
+
+
+@pytest.mark.skipif(not (native.available() and native._omp and onednn.available()),
+                    reason="needs oneDNN and the native library on torch's OpenMP threads")
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000, 5003])
+def test_cpu_float32_tiles_folded_in_c(monkeypatch, chunk_size):
+    """CPU float32 without bias or softcap: oneDNN tiles folded by native.fold_tile (several row tiles and
+    workers here), no worse than torch against float64 and equal to the eager fold's numbers to rounding;
+    a row of +inf, NaN and overflowing logits exactly where the eager fold has them."""
+    monkeypatch.setattr(linear_mod, "_CPU_TILE_ELEMS", 3000)
+    calls = []
+    real = native.fold_tile
+    monkeypatch.setattr(native, "fold_tile", lambda *a: calls.append(1) or real(*a))
+    hidden, weight, _, targets = make(37, 19, 5003)
+    weight[4000] = hidden[5] * 30  # row 5: a logit ~500 nats above the earlier tiles
+    weight[4001, 0] = float("inf")  # +inf or -inf logits in column 4001, by the sign of h[:, 0]
+    hidden[9, 3] = float("nan")  # row 9: NaN
+    out = lmloss.linear_token_nll(hidden, weight, targets, chunk_size=chunk_size)
+    assert calls
+    monkeypatch.setattr(linear_mod, "_native_tiles", lambda *a: False)
+    eager = lmloss.linear_token_nll(hidden, weight, targets, chunk_size=chunk_size)
+    assert torch.equal(out.isnan(), eager.isnan()) and torch.equal(out.isinf(), eager.isinf())
+    ok = out.isfinite()
+    torch.testing.assert_close(out[ok], eager[ok], rtol=2e-6, atol=2e-5)
+    neg = hidden[:, 0] < 0  # there column 4001's logit is -inf and adds nothing; elsewhere +inf: NaN, as F.ce
+    assert out[~neg].isnan().all() and out[9].isnan()
+    rows = neg & (targets != 4001) & (torch.arange(37) != 9)
+    w_without = torch.cat([weight[:4001], weight[4002:]])
+    t_without = torch.where(targets > 4001, targets - 1, targets)
+    ref = reference_nll(hidden[rows], w_without, t_without[rows])
+    torch.testing.assert_close(out[rows].double(), ref, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -14,7 +14,7 @@ The identities everything here relies on, per row n, over vocabulary blocks b:
 
 import torch
 
-from lmloss.ops import _mm, onednn
+from lmloss.ops import _mm, native, onednn
 from lmloss.ops._checks import check_reduction, choose_impl, compute_dtype, reduce_nll
 from lmloss.ops._threads import parallel_rows
 
@@ -269,6 +269,8 @@ def _forward_chunked(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
     N, V = h2.shape[0], weight.shape[0]
     dt = compute_dtype(h2.dtype)
     cpu = h2.device.type == "cpu"
+    if cpu and bias is None and softcap is None and _native_tiles(h2, weight):
+        return _forward_native(h2, weight, t1, chunk_size)
     rows, cols = _blocks(N, V, chunk_size, _CPU_TILE_ELEMS if cpu else _TILE_ELEMS)
     lse = torch.empty(N, dtype=torch.float64, device=h2.device)  # the running lse, summed in float64
     target_logit = torch.zeros(N, dtype=dt, device=h2.device)
@@ -287,6 +289,39 @@ def _forward_chunked(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
                             lse[r0:r0 + h.shape[0]], target_logit[r0:r0 + h.shape[0]], first=c0 == 0)
 
     parallel_rows(row_range, N, rows, h2.device)
+    return lse, target_logit
+
+
+def _native_tiles(h2, weight) -> bool:
+    """The CPU float32 path below applies: oneDNN's products and native_cpu.c's fold."""
+    return (h2.dtype == torch.float32 and onednn.applies(h2, weight) and h2.is_contiguous()
+            and native.available() and native._omp)
+
+
+def _forward_native(h2, weight, t1, chunk_size):
+    """_forward_chunked's results for CPU float32 without bias or softcap, with the four torch passes per
+    tile (max or shift, exp, sum, the target's gather) replaced by one C pass per row (native.fold_tile: the
+    row's max on the first tile, then exp and sum in registers, the target's logit), the tile in cache. The
+    rows are split between one worker per thread as in _forward_chunked (each worker's single-threaded
+    products ran faster than one product on both threads: 0.24 vs 0.25-0.26 s). SmolLM2's head, 2048 rows x
+    49152 x 576, 2 Zen 5 cores: 0.29 -> 0.24 s, against 0.23 s for the products alone."""
+    N, V = h2.shape[0], weight.shape[0]
+    cols = min(V, chunk_size or _DEFAULT_CHUNK)
+    if cols < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    lse = torch.empty(N, dtype=torch.float64)
+    target_logit = torch.zeros(N, dtype=torch.float32)
+    targets = t1.contiguous()
+    rows = max(1, _CPU_TILE_ELEMS // cols)  # a tile of 8 MiB per worker, as _forward_chunked's
+
+    def row_range(start, end):
+        for r0 in range(start, end, rows):
+            r1 = min(end, r0 + rows)
+            for c0 in range(0, V, cols):
+                z = onednn.product(h2[r0:r1], weight[c0:c0 + cols])  # (r1 - r0, cols), fresh
+                native.fold_tile(z, c0, targets[r0:r1], c0 == 0, lse[r0:r1], target_logit[r0:r1])
+
+    parallel_rows(row_range, N, 64, h2.device)
     return lse, target_logit
 
 

@@ -197,6 +197,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmloss_silu_mul_all.restype = None
     lib.lmloss_rope_all.argtypes = [vp, i64, i64, i64, vp, vp, i64, i64, i64, i64, i64, i64, i32, vp]
     lib.lmloss_rope_all.restype = None
+    lib.lmloss_fold_tile_all.argtypes = [vp, i64, i64, i64, vp, i32, vp, vp, i64, i32]
+    lib.lmloss_fold_tile_all.restype = None
     # the drivers only where they run on the runtime that was already here (torch's), not on a second one
     _omp = lib.lmloss_omp_threads() > 0 and len(before) == 1 and _openmp_runtimes() == before
     lib.lmloss_row_sums.argtypes = [vp, ctypes.c_int, i64, i64, f32, vp, i64, i64, vp]
@@ -352,3 +354,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     lib.lmloss_rope_all(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(),
                         cos.shape[0], B, H, T, D, chunk, n_threads, out.data_ptr())
     return out
+
+
+def fold_tile(z: torch.Tensor, c0: int, targets: torch.Tensor, first: bool, lse: torch.Tensor,
+              target_logit: torch.Tensor) -> None:
+    """One (rows, cols) float32 tile of logits for the vocabulary columns [c0, c0 + cols) folded into the
+    running log-sum-exp `lse` (float64, in place; set by the first tile) and, where a row's target is in the
+    tile, its logit into `target_logit` (float32, in place): native_cpu.c's lmloss_fold_tile_all."""
+    lib = _require()
+    rows, cols = z.shape
+    assert z.dtype == torch.float32 and z.is_contiguous() and targets.dtype == torch.int64 and targets.is_contiguous()
+    assert lse.dtype == torch.float64 and lse.is_contiguous() and lse.shape == (rows,) and targets.shape == (rows,)
+    assert target_logit.dtype == torch.float32 and target_logit.is_contiguous() and target_logit.shape == (rows,)
+    n_threads, chunk = _threads_and_chunk(rows)
+    lib.lmloss_fold_tile_all(z.data_ptr(), rows, cols, c0, targets.data_ptr(), int(first), lse.data_ptr(),
+                             target_logit.data_ptr(), chunk, n_threads)

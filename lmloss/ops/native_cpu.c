@@ -367,3 +367,71 @@ void lmloss_rope_all(const float *x, int64_t sb, int64_t sh, int64_t st, const f
         }
     })
 }
+
+/* The fused linear head's online log-sum-exp (lmloss/ops/linear.py), one (rows, cols) float32 tile of logits z
+   for the vocabulary columns [c0, c0 + cols) at a time, per row i, L_i in double:
+       first tile:  shift = max_j z_ij,  L_i = shift + log(s)
+       later tiles: shift = (float)L_i,  L_i = shift + log(exp(L_i - shift) + s)
+   with s = sum_j 2^(fma(z_ij, log2 e, -shift log2 e)) (float32 lanes over 512 columns, double across), and
+   target_logit_i = z_i,(t_i - c0) where the row's target is in the tile. A row whose s is not a positive finite
+   number (a logit ~88 nats above the shift, or a NaN or infinite one) takes the exact path: the tile's own
+   max and sum in double, NaN for a NaN or +inf logit (as F.cross_entropy), nothing for a tile of -inf only,
+   combined with L by log-add-exp. */
+static double logaddexp_d(double a, double b) {
+    if (a == -INFINITY) return b;
+    if (b == -INFINITY) return a;
+    if (a == INFINITY || b == INFINITY) return INFINITY;
+    double m = a > b ? a : b;
+    return m + log(exp(a - m) + exp(b - m));
+}
+
+static void fold_rows(const float *z, int64_t cols, int64_t c0, const int64_t *targets, int first, int64_t r0,
+                      int64_t r1, double *Ls, float *target_logit) {
+    const float L2E = 1.4426950408889634f;
+    for (int64_t i = r0; i < r1; ++i) {
+        const float *row = z + i * cols;
+        const int64_t t = targets[i] - c0;
+        if (t >= 0 && t < cols)
+            target_logit[i] = row[t];
+        float shift;
+        if (first) {
+            float m = -INFINITY;
+            _Pragma("omp simd reduction(max:m)")
+            for (int64_t j = 0; j < cols; ++j)
+                m = row[j] > m ? row[j] : m;
+            shift = m;
+        } else {
+            shift = (float)Ls[i];
+        }
+        const float c = -shift * L2E;
+        const int64_t V = cols;
+        const float L = L2E;
+        ROW_LOOP(row[j], bad = fmaf(y, 0.0f, bad))
+        if (bad == 0.0f && total > 0.0 && total < INFINITY) {
+            Ls[i] = first ? (double)shift + log(total) : (double)shift + log(exp(Ls[i] - (double)shift) + total);
+            continue;
+        }
+        /* exact path */
+        int nan = 0;
+        double m = -INFINITY;
+        for (int64_t j = 0; j < cols; ++j) {
+            if (row[j] != row[j]) nan = 1;
+            else if (row[j] > m) m = row[j];
+        }
+        double tile;
+        if (nan || m == INFINITY) tile = NAN;  /* F.cross_entropy's NaN for a +inf logit (inf - inf) */
+        else if (m == -INFINITY) tile = m;      /* every logit of the tile -inf: it adds nothing */
+        else {
+            double s = 0.0;
+            for (int64_t j = 0; j < cols; ++j)
+                s += exp((double)row[j] - m);
+            tile = m + log(s);
+        }
+        Ls[i] = first ? tile : (tile != tile || Ls[i] != Ls[i] ? (double)NAN : logaddexp_d(Ls[i], tile));
+    }
+}
+
+void lmloss_fold_tile_all(const float *z, int64_t n_rows, int64_t cols, int64_t c0, const int64_t *targets,
+                          int first, double *Ls, float *target_logit, int64_t chunk, int n_threads) {
+    FOR_CHUNKS(fold_rows(z, cols, c0, targets, first, r0, r1, Ls, target_logit))
+}
