@@ -1,9 +1,12 @@
-/* lmloss native CPU kernels: the softmax row sums and the gradient of token_nll, one pass over the logits, and the
-causal attention's softmax rows (lmloss_causal_probs, at the end; used by cpu_attention.py).
+/* lmloss native CPU kernels: the softmax row sums and the gradient of token_nll, one pass over the logits; then
+the causal attention's softmax rows and output division (cpu_attention.py), a Llama layer's RMSNorm, SiLU x up
+and RoPE (cpu_layers.py), and the fused linear head's fold of a tile of logits (linear.py).
 
-Built by lmloss/ops/native.py with the machine's C compiler (-O3 -march=native, no -ffast-math: NaN and
-infinity must survive) and loaded with ctypes; every function works on a range of rows, so Python worker
-threads (the GIL is released during a ctypes call) split the rows between cores.
+Built by lmloss/ops/native.py with the machine's C compiler (-O3 -march=native -ffp-contract=off, no
+-ffast-math: NaN and infinity must survive, and products round as torch's do) and loaded with ctypes. Each
+loop works on a range of rows; the *_all drivers hand the rows out to the calling thread's OpenMP team (built
+with -fopenmp where that team is torch's own), else Python worker threads split the ranges (the GIL is
+released during a ctypes call).
 
 Per row i, with y_j = fma(x_j, L, c_i) computed in float32 (L = log2(e) in float32):
     row_sums   s_i = sum_j 2^(y_j), accumulated in float32 lanes over 512 columns, those partial sums in
