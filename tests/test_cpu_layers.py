@@ -9,7 +9,7 @@ import torch
 from lmloss.ops import cpu_layers, native, onednn
 from lmloss.ops.cpu_forward import cpu_forward
 
-pytestmark = pytest.mark.skipif(not (native.available() and native._omp),
+pytestmark = pytest.mark.skipif(not native.on_torch_threads(),
                                 reason="needs the native C library on torch's OpenMP threads")
 
 

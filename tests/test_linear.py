@@ -145,7 +145,7 @@ def test_nan_in_hidden_gives_nan_for_that_token():
     assert out[2].isnan() and out[[0, 1, 3]].isfinite().all()
 
 
-@pytest.mark.skipif(not (native.available() and native._omp and onednn.available()),
+@pytest.mark.skipif(not (native.on_torch_threads() and onednn.available()),
                     reason="needs oneDNN and the native library on torch's OpenMP threads")
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000, 5003])
 def test_cpu_float32_tiles_folded_in_c(monkeypatch, chunk_size):

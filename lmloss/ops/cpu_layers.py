@@ -52,7 +52,7 @@ def _fast(*tensors: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return native.available() and native._omp
+    return native.on_torch_threads()
 
 
 def _rms_norm_forward(self, hidden_states):
@@ -102,7 +102,7 @@ def routes(module: torch.nn.Module | None):
     """The C passes for `module`'s Llama layers while the block runs (nothing for other models, or None)."""
     global _rope_users, _rope_original
     llama = _llama()
-    if module is None or llama is None or not native.available() or not native._omp:
+    if module is None or llama is None or not native.on_torch_threads():
         yield
         return
     key = id(module)

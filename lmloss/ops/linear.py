@@ -295,7 +295,7 @@ def _forward_chunked(h2, weight, t1, bias, ignore_index, softcap, chunk_size):
 def _native_tiles(h2, weight) -> bool:
     """The CPU float32 path below applies: oneDNN's products and native_cpu.c's fold."""
     return (h2.dtype == torch.float32 and onednn.applies(h2, weight) and h2.is_contiguous()
-            and native.available() and native._omp)
+            and native.on_torch_threads())
 
 
 def _forward_native(h2, weight, t1, chunk_size):

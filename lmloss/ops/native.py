@@ -71,6 +71,12 @@ def available() -> bool:
     return _library() is not None
 
 
+def on_torch_threads() -> bool:
+    """available(), with the *_all drivers on torch's own OpenMP threads (the elementwise layers, the
+    attention's passes and the fused head's fold take the C loops only then)."""
+    return available() and _omp
+
+
 def _library() -> ctypes.CDLL | None:
     global _lib, _reason
     with _lock:
