@@ -83,15 +83,18 @@ def _rope(q, k, cos, sin, unsqueeze_dim=1):
 
 def _patchable(module, llama) -> list:
     """The submodules whose forward gets a C pass: exactly LlamaRMSNorm, and LlamaMLP whose activation is SiLU."""
-    from transformers.activations import SiLUActivation
-
+    try:
+        from transformers.activations import SiLUActivation
+        silu = (SiLUActivation, torch.nn.SiLU)
+    except ImportError:  # a transformers without it: torch's own module only
+        silu = (torch.nn.SiLU,)
     found = []
     for m in module.modules():
         if "forward" in m.__dict__:
             continue  # someone else's replacement: leave it
         if type(m) is llama.LlamaRMSNorm:
             found.append((m, _rms_norm_forward))
-        elif (type(m) is llama.LlamaMLP and type(getattr(m, "act_fn", None)) in (SiLUActivation, torch.nn.SiLU)
+        elif (type(m) is llama.LlamaMLP and type(getattr(m, "act_fn", None)) in silu
               and all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))):
             found.append((m, _mlp_forward))
     return found
