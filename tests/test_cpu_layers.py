@@ -161,3 +161,54 @@ def test_other_architectures_left_alone():
             got = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert math.isfinite(got.sum().item()) and onednn.available()
+
+
+def _count_calls(monkeypatch):
+    calls = {"rms_norm": 0, "silu_mul": 0, "rope": 0}
+    for name in calls:
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _r=real, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _r(*a))
+    return calls
+
+
+def test_architectures_with_llamas_code_take_the_same_passes(monkeypatch):
+    """Qwen2's RMSNorm, MLP and RoPE are Llama's code, text for text: they take the C passes too. Gemma-3 shares
+    only the RoPE (its RMSNorm scales by 1 + w, its MLP is GELU): only the RoPE does."""
+    import sys
+
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
+
+    small = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(**small)).eval()
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=16, sliding_window=8, **small)).eval()
+    ids = torch.randint(0, 97, (2, 30), generator=_g(10))
+    for model, want_calls in [(qwen, {"rms_norm": 5, "silu_mul": 2, "rope": 4}),
+                              (gemma, {"rms_norm": 0, "silu_mul": 0, "rope": 4})]:
+        calls = _count_calls(monkeypatch)
+        modeling = sys.modules[type(model).__module__]
+        original = modeling.apply_rotary_pos_emb
+        with torch.inference_mode():
+            want = model(input_ids=ids, use_cache=False).logits
+            with cpu_forward(module=model):
+                got = model(input_ids=ids, use_cache=False).logits
+        assert calls == want_calls, type(model).__name__
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert modeling.apply_rotary_pos_emb is original
+        assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_a_class_whose_code_differs_is_left_alone():
+    """An RMSNorm whose forward is not Llama's text (here: one more line) keeps transformers' code."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class ScaledRMSNorm(LlamaRMSNorm):
+        def forward(self, hidden_states):
+            return 2 * super().forward(hidden_states)
+
+    model = _tiny_llama()
+    model.model.norm = ScaledRMSNorm(64)
+    with cpu_forward(module=model):
+        assert "forward" not in model.model.norm.__dict__
+        assert "forward" in model.model.layers[0].input_layernorm.__dict__
