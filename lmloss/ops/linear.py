@@ -306,13 +306,10 @@ def _forward_native(h2, weight, t1, chunk_size):
     products ran faster than one product on both threads: 0.24 vs 0.25-0.26 s). SmolLM2's head, 2048 rows x
     49152 x 576, 2 Zen 5 cores: 0.29 -> 0.24 s, against 0.23 s for the products alone."""
     N, V = h2.shape[0], weight.shape[0]
-    cols = min(V, chunk_size or _DEFAULT_CHUNK)
-    if cols < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    rows, cols = _blocks(N, V, chunk_size, _CPU_TILE_ELEMS)  # a tile of 8 MiB per worker, as _forward_chunked's
     lse = torch.empty(N, dtype=torch.float64)
     target_logit = torch.zeros(N, dtype=torch.float32)
     targets = t1.contiguous()
-    rows = max(1, _CPU_TILE_ELEMS // cols)  # a tile of 8 MiB per worker, as _forward_chunked's
 
     def row_range(start, end):
         for r0 in range(start, end, rows):
