@@ -231,9 +231,8 @@ def _row_sums(logits: torch.Tensor, c: torch.Tensor, L: float) -> torch.Tensor:
     sums = torch.empty(N, dtype=torch.float64)
     code, stride, x = _DTYPE_CODES[logits.dtype], logits.stride(0), logits.data_ptr()
     if _omp:
-        n_threads = torch.get_num_threads()
-        lib.lmloss_row_sums_all(x, code, stride, V, L, c.data_ptr(), N, _chunk(N, n_threads), n_threads,
-                                sums.data_ptr())
+        n_threads, chunk = _threads_and_chunk(N)
+        lib.lmloss_row_sums_all(x, code, stride, V, L, c.data_ptr(), N, chunk, n_threads, sums.data_ptr())
         return sums[:, None]
 
     def rows(start, end):
@@ -270,9 +269,9 @@ def grad_logits(logits, targets, lse, grad_nll, out):
     code, stride, x, o = _DTYPE_CODES[logits.dtype], logits.stride(0), logits.data_ptr(), out.data_ptr()
     failed = []
     if _omp:
-        n_threads = torch.get_num_threads()
-        if lib.lmloss_row_grads_all(x, code, stride, V, L, c.data_ptr(), t.data_ptr(), g.data_ptr(), N,
-                                    _chunk(N, n_threads), n_threads, o):
+        n_threads, chunk = _threads_and_chunk(N)
+        if lib.lmloss_row_grads_all(x, code, stride, V, L, c.data_ptr(), t.data_ptr(), g.data_ptr(), N, chunk,
+                                    n_threads, o):
             failed.append((0, N))
 
     def rows(start, end):
@@ -297,9 +296,9 @@ def causal_probs(scores: torch.Tensor, first: int, c: float, sums: torch.Tensor,
     assert scores.dtype == torch.float32 and scores.is_contiguous() and sums.dtype == torch.float32
     assert sums.is_contiguous() and sums.numel() >= rows and period > 0
     if _omp:
-        n_threads = torch.get_num_threads()
-        return lib.lmloss_causal_probs_all(scores.data_ptr(), n, first, period, c, rows, _chunk(rows, n_threads),
-                                           n_threads, sums.data_ptr())
+        n_threads, chunk = _threads_and_chunk(rows)
+        return lib.lmloss_causal_probs_all(scores.data_ptr(), n, first, period, c, rows, chunk, n_threads,
+                                           sums.data_ptr())
     return lib.lmloss_causal_probs(scores.data_ptr(), n, first, period, c, 0, rows, sums.data_ptr())
 
 
