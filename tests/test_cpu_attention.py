@@ -32,9 +32,20 @@ def _qkv(B, H, Hk, T, D, Dv=None, seed=0):
     return q, k, v
 
 
+@pytest.fixture(params=["fused", "blocks"])
+def path(request, monkeypatch):
+    """Each test on both implementations: the fused C call (where the library has it) and the oneDNN blocks."""
+    if request.param == "fused" and not native.attention_ready():
+        pytest.skip("the fused attention needs the native library built with AVX-512 on torch's OpenMP threads")
+    if request.param == "blocks":
+        monkeypatch.setattr(native, "attention_ready", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("B, H, Hk, T, D, Dv, scale", [(2, 9, 3, 600, 64, None, None), (1, 4, 4, 777, 32, None, 0.3),
-                                                       (1, 2, 1, 520, 16, 24, None), (3, 1, 1, 513, 8, None, None)])
-def test_matches_float64_reference(B, H, Hk, T, D, Dv, scale):
+                                                       (1, 2, 1, 520, 16, 24, None), (3, 1, 1, 513, 8, None, None),
+                                                       (1, 6, 2, 545, 7, 130, None), (2, 2, 2, 1031, 128, 48, 0.05)])
+def test_matches_float64_reference(B, H, Hk, T, D, Dv, scale, path):
     q, k, v = _qkv(B, H, Hk, T, D, Dv, seed=T)
     before = [t.clone() for t in (q, k, v)]
     assert cpu_attention.applies(q, k, v, is_causal=True, scale=scale, enable_gqa=H != Hk)
@@ -45,7 +56,43 @@ def test_matches_float64_reference(B, H, Hk, T, D, Dv, scale):
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), before))
 
 
-def test_nan_where_sdpa_has_nan():
+@pytest.mark.parametrize("T", [64, 65, 95, 96, 97, 200])
+def test_fused_short_and_ragged(T):
+    """The fused call on lengths around its tiles (24 query rows, 32 keys), down to FUSED_MIN_POSITIONS, with a
+    query that is not contiguous in its last dimension and values read through their strides."""
+    if not native.attention_ready():
+        pytest.skip("the fused attention needs the native library built with AVX-512 on torch's OpenMP threads")
+    assert T >= cpu_attention.FUSED_MIN_POSITIONS
+    q, k, v = _qkv(2, 4, 2, T, 40, seed=T)
+    q = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # last-dimension stride T
+    assert cpu_attention.applies(q, k, v, is_causal=True, enable_gqa=True)
+    with torch.inference_mode():
+        out = cpu_attention.causal(q, k, v)
+    torch.testing.assert_close(out.double(), _ref(q, k, v), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_fused_redoes_only_the_rows_with_bad_scores(poison):
+    """A NaN or infinite key poisons the scores of every row from its position on: exactly those rows come from
+    SDPA (NaN where SDPA has NaN), the rows before it are the fused call's own numbers."""
+    if not native.attention_ready():
+        pytest.skip("the fused attention needs the native library built with AVX-512 on torch's OpenMP threads")
+    q, k, v = _qkv(1, 4, 2, 300, 16, seed=5)
+    k = k.clone()
+    k[0, 1, 250, 3] = float(poison)
+    clean = k.clone()
+    clean[0, 1, 250:] = 0
+    with torch.inference_mode():
+        ours = cpu_attention.causal(q, k, v)
+        theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        before = cpu_attention.causal(q, clean, v)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert ours[0, 2:, 250:].isnan().all() == (poison == "nan")  # -inf scores weigh 0, +inf ones give NaN
+    assert torch.equal(ours[0, 2:, :250], before[0, 2:, :250]) and torch.equal(ours[0, :2], before[0, :2])
+    torch.testing.assert_close(ours.nan_to_num(), theirs.nan_to_num(), rtol=1e-5, atol=2e-5)
+
+
+def test_nan_where_sdpa_has_nan(path):
     """A NaN in one query row: its block is recomputed by SDPA, so NaN lands where SDPA puts it, nowhere else."""
     q, k, v = _qkv(1, 6, 2, 530, 16, seed=1)
     q = q.clone()
@@ -70,7 +117,8 @@ def test_applies_only_where_it_should(case):
     elif case == "bfloat16":
         q, k, v = (t.bfloat16() for t in (q, k, v))
     elif case == "short":
-        q, k, v = _qkv(1, 4, 2, cpu_attention.MIN_POSITIONS - 1, 8)
+        least = cpu_attention.FUSED_MIN_POSITIONS if native.attention_ready() else cpu_attention.MIN_POSITIONS
+        q, k, v = _qkv(1, 4, 2, least - 1, 8)
     elif case == "grad":
         q.requires_grad_(True)
     else:
@@ -88,7 +136,7 @@ def _tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_model_forward_routed_and_unchanged(monkeypatch):
+def test_model_forward_routed_and_unchanged(monkeypatch, path):
     """A Llama forward inside cpu_forward: every linear layer and each layer's attention take the fast kernels,
     and the logits are the model's own to float32 summation order."""
     model = _tiny_llama()
@@ -134,3 +182,30 @@ def test_off_when_the_user_turns_onednn_off():
     finally:
         torch.backends.mkldnn.enabled = True
     assert cpu_attention.applies(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def test_blocks_where_the_library_has_no_avx512(tmp_path):
+    """Built without AVX-512 (an AVX2 host, emulated by LMLOSS_NATIVE_CFLAGS=-mno-avx512f in a fresh process):
+    no fused call, the blocks run and match the float64 reference."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from lmloss.ops import cpu_attention, native
+assert native.available() and not native.attention_ready(), native.status()
+g = torch.Generator().manual_seed(3)
+q, k, v = (torch.randn(1, 4, 520, 16, generator=g) for _ in range(3))
+k, v = k[:, :2], v[:, :2]
+assert cpu_attention.applies(q, k, v, is_causal=True, enable_gqa=True)
+with torch.inference_mode():
+    out = cpu_attention.causal(q, k, v)
+ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True,
+                                                       enable_gqa=True)
+torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5)
+print("ok")
+"""
+    env = dict(os.environ, LMLOSS_NATIVE_CFLAGS="-mno-avx512f", LMLOSS_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

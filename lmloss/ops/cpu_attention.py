@@ -1,4 +1,5 @@
-"""Causal self-attention on the CPU in float32: oneDNN's products and one C loop per row for the softmax.
+"""Causal self-attention on the CPU in float32: one C call per layer where the CPU has AVX-512, else oneDNN's
+products and one C loop per row for the softmax.
 
     out = softmax(scale * q @ k.T + causal_mask) @ v        # == F.scaled_dot_product_attention(q, k, v,
                                                             #        is_causal=True, scale=scale, enable_gqa=True)
@@ -6,22 +7,30 @@
 torch's CPU flash attention takes its two products from MKL's sgemm, which on AMD CPUs runs its AVX2 code (half
 of oneDNN's AVX-512 rate, lmloss/ops/onednn.py), and spends most of its time outside them: SmolLM2-135M's
 attention (9 heads of 64, 3 key/value heads, 1024 positions, batch 2) took 19.8 ms per layer on 2 Zen 5 cores,
-at 122 GFLOP/s against 494 for a float32 GEMM. Here, per (batch, head, block of 256 query rows):
+at 122 GFLOP/s against 494 for a float32 GEMM.
+
+Fused (native.attention, where native.attention_ready(): the library built with AVX-512, on torch's OpenMP
+threads): per (batch, head, tile of 24 query rows), on a thread of torch's OpenMP team, the scores of the keys the
+tile sees in register tiles (12 rows x 32 keys), its softmax rows, and p @ v in register tiles (6 rows x 64),
+all in the core's cache, divided into the output's layout. The keys are first copied into panels of 32 keys,
+transposed. No scores beyond the diagonal are computed but a tile's own triangle. SmolLM2's layer: 6.1-6.6 ms
+(369-399 GFLOP/s over the causal half), the whole 2 x 1024 forward 1.29 -> 1.20 s.
+
+Blocks (elsewhere), per (batch, head, block of 256 query rows):
     s = q_block @ k[:end].T                 oneDNN, float32 (end = the block's last row + 1: causal, no waste
                                             beyond the diagonal block)
     p = exp(scale * (s - rowmax)), 0 above the diagonal, and the row sums    native_cpu.c, in place on s
     out_block = (p @ v[:end]) / row sums    oneDNN, then native_cpu.c's division into the output's layout
-with the heads that share a key/value head stacked into one block, driven from the calling thread: each
-product and each C pass on all of torch's OpenMP threads (one C call per block for the softmax of all
-stacked heads, one for the division): 9.5-10 ms per layer in the model, against SDPA's 19.8 and this module's
-11.5-12 with a C call per head and torch's division. (Worker threads taking blocks in turn, with
-single-threaded products, were 10% faster alone but 20% slower inside the model: OpenMP's threads, still
-spinning after the projection before, take the cores from them.)
+with the heads that share a key/value head stacked into one block, driven from the calling thread, each product
+and C pass on all of torch's OpenMP threads: 9.5-10 ms per layer in the model. (Worker threads taking blocks
+in turn, with single-threaded products, were 10% faster alone but 20% slower inside the model: OpenMP's
+threads, still spinning after the projection before, take the cores from them.)
 
 `applies` says when this runs (CPU, float32, 4-D, square causal, no mask, no dropout, no autograd, the
-native library and oneDNN both available, at least MIN_POSITIONS positions); everything else is SDPA's own.
-A block whose row sums are not finite (a NaN or infinite score) is recomputed by SDPA, so NaN propagates
-exactly as SDPA propagates it. The numbers are SDPA's up to float32 summation order (~1e-6 relative).
+native library and oneDNN both available, at least MIN_POSITIONS positions, FUSED_MIN_POSITIONS for the fused
+call); everything else is SDPA's own. Rows whose scores are not finite (a NaN or infinite score) are recomputed
+by SDPA, so NaN propagates exactly as SDPA propagates it. Both softmaxes are the same C rows (exact row max);
+the numbers are SDPA's up to float32 summation order (~1e-6 relative).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from lmloss.ops import native, onednn
 
 BLOCK_ROWS = 256  # query rows per block: products large enough for oneDNN, little waste on the diagonal
 MIN_POSITIONS = 512  # below, per-block overhead outweighs what the products gain (2 x 256: 2.4 vs 2.0 ms): SDPA
+FUSED_MIN_POSITIONS = 64  # the fused call against SDPA, SmolLM2's layer: 0.08 vs 0.13 ms at 64, 0.04 both at 32
 _LOG2E = 1.4426950408889634
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 
@@ -46,7 +56,8 @@ def applies(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                and t.dim() == 4 and t.layout == torch.strided for t in (q, k, v)):
         return False
     (B, H, T, D), (Bk, Hk, Tk, Dk), (Bv, Hv, Tv, Dv) = q.shape, k.shape, v.shape
-    if not (B == Bk == Bv and T == Tk == Tv and D == Dk and Hk == Hv and Hk > 0 and T >= MIN_POSITIONS and D > 0):
+    least = FUSED_MIN_POSITIONS if native.attention_ready() else MIN_POSITIONS
+    if not (B == Bk == Bv and T == Tk == Tv and D == Dk and Hk == Hv and Hk > 0 and T >= least and D > 0):
         return False
     if H != Hk and not (enable_gqa and H % Hk == 0):
         return False
@@ -64,6 +75,8 @@ def causal(q, k, v, scale: float | None = None) -> torch.Tensor:
     group = H // Hk
     c = (1.0 / math.sqrt(D) if scale is None else float(scale)) * _LOG2E
     out = torch.empty(B, T, H, Dv, dtype=torch.float32)
+    if native.attention_ready():
+        return _fused(q, k, v, scale, c, out)
     out_groups = out.view(B, T, Hk, group, Dv)
     keys = k.contiguous()                         # (B, Hk, T, D): k[:end] is one block of rows
     values_t = v.transpose(-1, -2).contiguous()   # (B, Hk, Dv, T)
@@ -87,4 +100,24 @@ def causal(q, k, v, scale: float | None = None) -> torch.Tensor:
         hk = h // group
         mask = torch.ones(i1 - i0, i1, dtype=torch.bool).tril(diagonal=i0)
         out[b, i0:i1, h] = _SDPA(q[b, h, i0:i1], k[b, hk, :i1], v[b, hk, :i1], attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def _fused(q, k, v, scale, c, out):
+    """The whole layer in one C call (native.attention); rows with a NaN or infinite score recomputed by SDPA."""
+    B, H, T, D = q.shape
+    Hk = k.shape[1]
+    q = q if q.stride(3) == 1 else q.contiguous()
+    v = v if v.stride(3) == 1 else v.contiguous()
+    Tp = -(-T // 32) * 32  # panels of 32 keys, transposed: (B, Hk, Tp / 32, D, 32), each contiguous
+    keys_t = torch.nn.functional.pad(k, (0, 0, 0, Tp - T)).view(B, Hk, Tp // 32, 32, D).transpose(-1, -2).contiguous()
+    bad = torch.zeros(B, H, T, dtype=torch.uint8)
+    if native.attention(q, keys_t, v, c, out, bad):
+        group = H // Hk
+        for b, h in bad.any(-1).nonzero().tolist():
+            rows = bad[b, h].nonzero().flatten()
+            last = int(rows[-1]) + 1
+            mask = torch.ones(last, last, dtype=torch.bool).tril()[rows]
+            out[b, rows, h] = _SDPA(q[b, h, rows], k[b, h // group, :last], v[b, h // group, :last],
+                                    attn_mask=mask, scale=scale)
     return out.transpose(1, 2)

@@ -12,7 +12,9 @@ compiler, the flags and the CPU's feature flags, and loaded with ctypes. Nothing
 `LMLOSS_NATIVE=0` turns it off; `native.status()` says which and why. impl="native" by name raises when the
 library cannot be built (no C compiler, an unsupported one, an unwritable cache and temp folder).
 
-The same library holds the softmax of the CPU causal attention (causal_probs, used by cpu_attention.py).
+The same library holds the CPU causal attention's pieces (cpu_attention.py): the whole layer in one call where
+it is built with AVX-512 (`attention`, `attention_ready()`), else the softmax rows (causal_probs). Extra compiler
+flags come from LMLOSS_NATIVE_CFLAGS (e.g. "-mno-avx512f": this CPU as an AVX2 host; they are part of the key).
 
 Threads: where torch runs on GCC's OpenMP runtime (libgomp, the Linux wheels) and the compiler is GCC, the
 library is built with -fopenmp and its *_all drivers split the rows over torch's own OpenMP threads. Python
@@ -154,7 +156,7 @@ def _build(openmp: bool = True) -> Path:
     OpenMP where `openmp` and _openmp_flags allow it."""
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    flags = (*_FLAGS, *(_openmp_flags(version) if openmp else ()))
+    flags = (*_FLAGS, *os.environ.get("LMLOSS_NATIVE_CFLAGS", "").split(), *(_openmp_flags(version) if openmp else ()))
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), cc, version, *flags, _cpu_flags()]).encode()).hexdigest()
     from lmloss.cache_folder import cache_root
 
@@ -205,6 +207,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmloss_rope_all.restype = None
     lib.lmloss_fold_tile_all.argtypes = [vp, i64, i64, i64, vp, i32, vp, vp, i64, i32]
     lib.lmloss_fold_tile_all.restype = None
+    lib.lmloss_attention_ready.argtypes = []
+    lib.lmloss_attention_ready.restype = i32
+    lib.lmloss_attention_all.argtypes = [vp, vp, vp, *[i64] * 12, f32, i32, vp, vp]
+    lib.lmloss_attention_all.restype = i64
     # the drivers only where they run on the runtime that was already here (torch's), not on a second one
     _omp = lib.lmloss_omp_threads() > 0 and len(before) == 1 and _openmp_runtimes() == before
     lib.lmloss_row_sums.argtypes = [vp, ctypes.c_int, i64, i64, f32, vp, i64, i64, vp]
@@ -312,6 +318,37 @@ def divide_rows(o: torch.Tensor, sums: torch.Tensor, out: torch.Tensor) -> None:
     n_threads, chunk = _threads_and_chunk(group * rows)
     lib.lmloss_divide_rows_all(o.data_ptr(), sums.data_ptr(), group, rows, Dv, out.stride(0), out.stride(1), chunk,
                                n_threads, out.data_ptr())
+
+
+def attention_ready() -> bool:
+    """Whether `attention` runs: the library built with AVX-512 and on torch's OpenMP threads."""
+    lib = _library()
+    return lib is not None and _omp and lib.lmloss_attention_ready() == 1
+
+
+def attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, c: float, out: torch.Tensor,
+              bad: torch.Tensor) -> int:
+    """Causal attention of a layer in one call (native_cpu.c, where attention_ready()): for float32 q (B, H, T, D)
+    and v (B, Hk, T, Dv) with unit stride over their last dimension, kt = k in panels of 32 keys transposed,
+    contiguous (B, Hk, Tp / 32, D, 32), Tp = T rounded up to a multiple of 32 (keys past T zero),
+    out[b, t, h] <- softmax over j <= t of 2^(c q[b, h, t] . k[b, hk, j]) weighting v[b, hk, j], hk = h // (H / Hk),
+    into a contiguous float32 out (B, T, H, Dv). Rows with a NaN or infinite score get bad[b, h, t] = 1 (a zeroed
+    contiguous uint8 (B, H, T)), their out unspecified; returns how many."""
+    lib = _require()
+    B, H, T, D = q.shape
+    Hk, Dv = v.shape[1], v.shape[-1]
+    assert q.dtype == kt.dtype == v.dtype == out.dtype == torch.float32 and bad.dtype == torch.uint8
+    assert q.stride(3) == 1 and v.stride(3) == 1 and kt.is_contiguous() and out.is_contiguous() and bad.is_contiguous()
+    assert kt.shape == (B, Hk, -(-T // 32), D, 32) and v.shape == (B, Hk, T, Dv) and out.shape == (B, T, H, Dv) and H % Hk == 0
+    assert bad.shape == (B, H, T)
+    n = lib.lmloss_attention_all(q.data_ptr(), kt.data_ptr(), v.data_ptr(), B, H, Hk, T, D, Dv, q.stride(0),
+                                 q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2), c,
+                                 torch.get_num_threads(), out.data_ptr(), bad.data_ptr())
+    if n == -1:
+        raise MemoryError(f"lmloss native attention: no memory for a {T}-key scratch per thread")
+    if n < 0:
+        raise RuntimeError("lmloss native attention is not built on this CPU (attention_ready() is False)")
+    return n
 
 
 # Elementwise layers (native_cpu.c; lmloss/ops/cpu_layers.py decides when they apply): float32, contiguous

@@ -438,3 +438,170 @@ void lmloss_fold_tile_all(const float *z, int64_t n_rows, int64_t cols, int64_t 
                           int first, double *Ls, float *target_logit, int64_t chunk, int n_threads) {
     FOR_CHUNKS(fold_rows(z, cols, c0, targets, first, r0, r1, Ls, target_logit))
 }
+
+/* Causal attention for a whole layer in one call (cpu_attention.py), where the library is built with AVX-512:
+       out[b, t, h, :] = sum_{j <= t} p_tj v[b, hk, j, :] / sum_{j <= t} p_tj,
+       p_tj = 2^(c (s_tj - max_{j' <= t} s_tj')),  s_tj = q[b, h, t, :] . k[b, hk, j, :],  hk = h / group
+   The work items are (b, hk, tile of ATT_TILE query rows, head of the group), in that order (the heads that share
+   a key/value head one after the other, so their keys and values stay in the core's cache), handed to the
+   OpenMP team by an atomic counter. Per item, in a scratch of ATT_TILE x round_up(t1, 32) floats per thread:
+       scores   s = q_tile @ k[:t1].T   register tiles of 12 rows x 32 keys over d, the keys in panels of 32
+                transposed (kt (B, Hk, T / 32, D, 32), T padded to a multiple of 32: each panel 8 KiB at D = 64,
+                contiguous), only the keys some row of the 12 sees
+       softmax  lmloss_causal_probs on the tile's rows (the block path's numbers for a row: exact max, the
+                float32-lanes / double sum, 0 beyond the diagonal)
+       values   o = p @ v[:t1], register tiles of 6 rows x 64 values over j up to the 6 rows' last key, then
+                divided by the row sums into out (one division each, torch.div's numbers)
+   Every product is a float32 fused multiply-add chain over d or j (summation order is the only difference from
+   torch's). Rows whose scores hold a NaN or infinity are flagged in bad[(b * H + h) * T + t] for the caller to
+   recompute; the return value counts them, -1 if a scratch could not be allocated. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+#define ATT_TILE 24
+
+static inline __mmask16 lanes_below(int64_t n) {  /* the first n of 16 lanes, n clamped to [0, 16] */
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+/* s[r][0 .. 32) = sum_d q[r][d] panel[d][0 .. 32) for r < 12: 32 keys, transposed (D x 32, contiguous) */
+static inline void att_scores_12x32(const float *const *q, const float *panel, int64_t D, float *s, int64_t lds) {
+    __m512 a[12][2];
+    _Pragma("GCC unroll 12")
+    for (int r = 0; r < 12; ++r)
+        a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+        const __m512 k0 = _mm512_loadu_ps(panel + 32 * d), k1 = _mm512_loadu_ps(panel + 32 * d + 16);
+        _Pragma("GCC unroll 12")
+        for (int r = 0; r < 12; ++r) {
+            const __m512 x = _mm512_set1_ps(q[r][d]);
+            a[r][0] = _mm512_fmadd_ps(x, k0, a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(x, k1, a[r][1]);
+        }
+    }
+    _Pragma("GCC unroll 12")
+    for (int r = 0; r < 12; ++r) {
+        _mm512_storeu_ps(s + r * lds, a[r][0]);
+        _mm512_storeu_ps(s + r * lds + 16, a[r][1]);
+    }
+}
+
+/* o[r][0 .. 64) = sum_{j < n} p[r][j] v[j][0 .. 64) for r < 6, the lanes past nv (< 64) left 0 */
+static inline void att_values_6x64(const float *const *p, const float *v, int64_t ldv, int64_t n, int64_t nv,
+                                   __m512 o[6][4]) {
+    const __mmask16 m[4] = {lanes_below(nv), lanes_below(nv - 16), lanes_below(nv - 32), lanes_below(nv - 48)};
+    __m512 a[6][4];  /* in registers: accumulating into o itself would store them on every step */
+    _Pragma("GCC unroll 6")
+    for (int r = 0; r < 6; ++r)
+        a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+        const float *vj = v + j * ldv;
+        const __m512 v0 = _mm512_maskz_loadu_ps(m[0], vj), v1 = _mm512_maskz_loadu_ps(m[1], vj + 16);
+        const __m512 v2 = _mm512_maskz_loadu_ps(m[2], vj + 32), v3 = _mm512_maskz_loadu_ps(m[3], vj + 48);
+        _Pragma("GCC unroll 6")
+        for (int r = 0; r < 6; ++r) {
+            const __m512 x = _mm512_set1_ps(p[r][j]);
+            a[r][0] = _mm512_fmadd_ps(x, v0, a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(x, v1, a[r][1]);
+            a[r][2] = _mm512_fmadd_ps(x, v2, a[r][2]);
+            a[r][3] = _mm512_fmadd_ps(x, v3, a[r][3]);
+        }
+    }
+    _Pragma("GCC unroll 6")
+    for (int r = 0; r < 6; ++r)
+        for (int k = 0; k < 4; ++k)
+            o[r][k] = a[r][k];
+}
+
+typedef struct {
+    const float *q, *kt, *v;
+    int64_t B, H, Hk, T, D, Dv;
+    int64_t qsb, qsh, qst, vsb, vsh, vst;  /* element strides of q (B, H, T, D) and v (B, Hk, T, Dv) */
+    float c;
+    float *out;                           /* (B, T, H, Dv) contiguous */
+    unsigned char *bad;                   /* (B, H, T) */
+} att_args;
+
+static int64_t att_item(const att_args *a, int64_t item, float *S, float *sums) {
+    const int64_t group = a->H / a->Hk, tiles = (a->T + ATT_TILE - 1) / ATT_TILE;
+    const int64_t g = item % group, tile = (item / group) % tiles, bhk = item / (group * tiles);
+    const int64_t b = bhk / a->Hk, hk = bhk % a->Hk, h = hk * group + g;
+    const int64_t t0 = tile * ATT_TILE, t1 = t0 + ATT_TILE < a->T ? t0 + ATT_TILE : a->T, rows = t1 - t0;
+    const int64_t lds = (t1 + 31) / 32 * 32 + 16;  /* rows 64 bytes off a 4 KiB stride: no cache-set aliasing */
+    const float *qrow[ATT_TILE];
+    for (int64_t r = 0; r < ATT_TILE; ++r)  /* rows past the tile repeat its last row: computed, never stored */
+        qrow[r] = a->q + b * a->qsb + h * a->qsh + (t0 + (r < rows ? r : rows - 1)) * a->qst;
+    const int64_t Tp = (a->T + 31) / 32 * 32;
+    const float *kt = a->kt + (b * a->Hk + hk) * a->D * Tp;
+    for (int64_t half = 0; half < ATT_TILE / 12; ++half) {
+        const int64_t r_last = 12 * half + 11 < rows ? 12 * half + 11 : rows - 1;
+        const int64_t seen = t0 + r_last + 1;  /* the keys the 12 rows see */
+        for (int64_t j0 = 0; j0 < seen; j0 += 32)
+            att_scores_12x32(qrow + 12 * half, kt + j0 * a->D, a->D, S + 12 * half * lds + j0, lds);
+    }
+    int64_t bad_rows = 0;
+    for (int64_t r = 0; r < rows; ++r)
+        if (lmloss_causal_probs(S, lds, t0 + 1, ATT_TILE, a->c, r, r + 1, sums)) {
+            a->bad[(b * a->H + h) * a->T + t0 + r] = 1;
+            ++bad_rows;
+        }
+    const float *v = a->v + b * a->vsb + hk * a->vsh;
+    const int64_t out_row = a->H * a->Dv;
+    float *out = a->out + b * a->T * out_row + h * a->Dv;
+    for (int64_t r0 = 0; r0 < rows; r0 += 6) {
+        const int64_t n = r0 + 6 < rows ? r0 + 6 : rows;  /* rows r0 .. n - 1 */
+        const float *prow[6];
+        for (int64_t r = 0; r < 6; ++r)
+            prow[r] = S + (r0 + r < n ? r0 + r : n - 1) * lds;
+        for (int64_t d0 = 0; d0 < a->Dv; d0 += 64) {
+            const int64_t nv = a->Dv - d0 < 64 ? a->Dv - d0 : 64;
+            __m512 o[6][4];
+            att_values_6x64(prow, v + d0, a->vst, t0 + n, nv, o);
+            const __mmask16 m[4] = {lanes_below(nv), lanes_below(nv - 16), lanes_below(nv - 32), lanes_below(nv - 48)};
+            for (int64_t r = r0; r < n; ++r) {
+                const __m512 sum = _mm512_set1_ps(sums[r]);
+                float *dst = out + (t0 + r) * out_row + d0;
+                for (int k = 0; k < 4; ++k)
+                    _mm512_mask_storeu_ps(dst + 16 * k, m[k], _mm512_div_ps(o[r - r0][k], sum));
+            }
+        }
+    }
+    return bad_rows;
+}
+
+int lmloss_attention_ready(void) { return 1; }
+
+int64_t lmloss_attention_all(const float *q, const float *kt, const float *v, int64_t B, int64_t H, int64_t Hk,
+                             int64_t T, int64_t D, int64_t Dv, int64_t qsb, int64_t qsh, int64_t qst, int64_t vsb,
+                             int64_t vsh, int64_t vst, float c, int n_threads, float *out, unsigned char *bad) {
+    const att_args a = {q, kt, v, B, H, Hk, T, D, Dv, qsb, qsh, qst, vsb, vsh, vst, c, out, bad};
+    const int64_t n_items = B * H * ((T + ATT_TILE - 1) / ATT_TILE);
+    const size_t scratch = (size_t)ATT_TILE * (size_t)((T + 31) / 32 * 32 + 16) * sizeof(float);
+    int64_t next = 0, bad_rows = 0;
+    int failed = 0;
+    _Pragma("omp parallel num_threads(n_threads)")
+    {
+        float *S = aligned_alloc(64, (scratch + 63) / 64 * 64);
+        float sums[ATT_TILE];
+        if (!S)
+            __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+        else
+            for (;;) {
+                const int64_t item = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+                if (item >= n_items)
+                    break;
+                __atomic_fetch_add(&bad_rows, att_item(&a, item, S, sums), __ATOMIC_RELAXED);
+            }
+        free(S);
+    }
+    return failed ? -1 : bad_rows;
+}
+#else
+int lmloss_attention_ready(void) { return 0; }
+
+int64_t lmloss_attention_all(const float *q, const float *kt, const float *v, int64_t B, int64_t H, int64_t Hk,
+                             int64_t T, int64_t D, int64_t Dv, int64_t qsb, int64_t qsh, int64_t qst, int64_t vsb,
+                             int64_t vsh, int64_t vst, float c, int n_threads, float *out, unsigned char *bad) {
+    return -2;  /* not built: lmloss_attention_ready() is 0 */
+}
+#endif
