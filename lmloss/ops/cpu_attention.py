@@ -14,7 +14,7 @@ threads): per (batch, head, tile of 24 query rows), on a thread of torch's OpenM
 tile sees in register tiles (12 rows x 32 keys), its softmax rows, and p @ v in register tiles (6 rows x 64),
 all in the core's cache, divided into the output's layout. The keys are first copied into panels of 32 keys,
 transposed. No scores beyond the diagonal are computed but a tile's own triangle. SmolLM2's layer: 6.1-6.6 ms
-(369-399 GFLOP/s over the causal half), the whole 2 x 1024 forward 1.29 -> 1.20 s.
+(369-409 GFLOP/s over the causal half), the whole 2 x 1024 forward 1.29 -> 1.20 s.
 
 Blocks (elsewhere), per (batch, head, block of 256 query rows):
     s = q_block @ k[:end].T                 oneDNN, float32 (end = the block's last row + 1: causal, no waste
@@ -29,8 +29,9 @@ threads, still spinning after the projection before, take the cores from them.)
 `applies` says when this runs (CPU, float32, 4-D, square causal, no mask, no dropout, no autograd, the
 native library and oneDNN both available, at least MIN_POSITIONS positions, FUSED_MIN_POSITIONS for the fused
 call); everything else is SDPA's own. Rows whose scores are not finite (a NaN or infinite score) are recomputed
-by SDPA, so NaN propagates exactly as SDPA propagates it. Both softmaxes are the same C rows (exact row max);
-the numbers are SDPA's up to float32 summation order (~1e-6 relative).
+by SDPA, so NaN propagates exactly as SDPA propagates it. Both softmaxes compute the same formula in C (exact
+row max, the same 2^y polynomial, float32 lanes summed in double); the numbers are SDPA's up to float32
+summation order (~1e-6 relative).
 """
 
 from __future__ import annotations

@@ -448,8 +448,8 @@ void lmloss_fold_tile_all(const float *z, int64_t n_rows, int64_t cols, int64_t 
        scores   s = q_tile @ k[:t1].T   register tiles of 12 rows x 32 keys over d, the keys in panels of 32
                 transposed (kt (B, Hk, T / 32, D, 32), T padded to a multiple of 32: each panel 8 KiB at D = 64,
                 contiguous), only the keys some row of the 12 sees
-       softmax  lmloss_causal_probs on the tile's rows (the block path's numbers for a row: exact max, the
-                float32-lanes / double sum, 0 beyond the diagonal)
+       softmax  att_softmax_row: lmloss_causal_probs's formula in AVX-512 registers (the exact row max, the same
+                2^y polynomial, float32 lanes over 512 columns and double across, 0 beyond the diagonal)
        values   o = p @ v[:t1], register tiles of 6 rows x 64 values over j up to the 6 rows' last key, then
                 divided by the row sums into out (one division each, torch.div's numbers)
    Every product is a float32 fused multiply-add chain over d or j (summation order is the only difference from
@@ -513,6 +513,60 @@ static inline void att_values_6x64(const float *const *p, const float *v, int64_
             o[r][k] = a[r][k];
 }
 
+/* 2^y for 16 lanes: exp2_poly's operations, vectorized (the same numbers lane by lane) */
+static inline __m512 att_exp2(__m512 y) {
+    y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(128.0f));
+    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(y, n);
+    __m512 p = _mm512_set1_ps(1.5252733804059841e-05f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381609e-04f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910072e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* lmloss_causal_probs for one row of a tile, in registers: row[j] <- 2^(c (row[j] - max_{j' < k} row[j'])) for
+   j < k, 0 for k <= j < n; returns the sum (float32 lanes over 512 columns, double across), or NaN where some
+   exponent is NaN or infinite (a NaN or infinite score: the caller flags the row) */
+static inline float att_softmax_row(float *row, int64_t k, int64_t n, float c) {
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+    int64_t j = 0;
+    for (; j + 32 <= k; j += 32) {
+        m0 = _mm512_max_ps(m0, _mm512_loadu_ps(row + j));
+        m1 = _mm512_max_ps(m1, _mm512_loadu_ps(row + j + 16));
+    }
+    for (; j < k; j += 16)  /* lanes past k read as -inf */
+        m0 = _mm512_max_ps(m0, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes_below(k - j), row + j));
+    const float m = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+    const __m512 L = _mm512_set1_ps(c), cm = _mm512_set1_ps(-m * c);
+    __mmask16 bad = 0;
+    double total = 0.0;
+    for (int64_t j0 = 0; j0 < k; j0 += COLS_PER_PARTIAL) {
+        const int64_t j1 = j0 + COLS_PER_PARTIAL < k ? j0 + COLS_PER_PARTIAL : k;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        for (j = j0; j < j1; j += 32) {
+            const __mmask16 k0 = lanes_below(j1 - j), k1 = lanes_below(j1 - j - 16);
+            const __m512 y0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k0, row + j), L, cm);
+            const __m512 y1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k1, row + j + 16), L, cm);
+            bad |= (_mm512_fpclass_ps_mask(y0, 0x99) & k0) | (_mm512_fpclass_ps_mask(y1, 0x99) & k1);
+            const __m512 e0 = _mm512_maskz_mov_ps(k0, att_exp2(y0)), e1 = _mm512_maskz_mov_ps(k1, att_exp2(y1));
+            _mm512_mask_storeu_ps(row + j, k0, e0);
+            _mm512_mask_storeu_ps(row + j + 16, k1, e1);
+            a0 = _mm512_add_ps(a0, e0);
+            a1 = _mm512_add_ps(a1, e1);
+        }
+        total += (double)_mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+    if (k < n)
+        memset(row + k, 0, (size_t)(n - k) * sizeof(float));
+    return bad ? NAN : (float)total;
+}
+
 typedef struct {
     const float *q, *kt, *v;
     int64_t B, H, Hk, T, D, Dv;
@@ -540,11 +594,13 @@ static int64_t att_item(const att_args *a, int64_t item, float *S, float *sums) 
             att_scores_12x32(qrow + 12 * half, kt + j0 * a->D, a->D, S + 12 * half * lds + j0, lds);
     }
     int64_t bad_rows = 0;
-    for (int64_t r = 0; r < rows; ++r)
-        if (lmloss_causal_probs(S, lds, t0 + 1, ATT_TILE, a->c, r, r + 1, sums)) {
+    for (int64_t r = 0; r < rows; ++r) {
+        sums[r] = att_softmax_row(S + r * lds, t0 + r + 1, lds, a->c);
+        if (!(sums[r] > 0.0f && sums[r] < INFINITY)) {
             a->bad[(b * a->H + h) * a->T + t0 + r] = 1;
             ++bad_rows;
         }
+    }
     const float *v = a->v + b * a->vsb + hk * a->vsh;
     const int64_t out_row = a->H * a->Dv;
     float *out = a->out + b * a->T * out_row + h * a->Dv;
