@@ -13,13 +13,17 @@ pytestmark = pytest.mark.skipif(not (onednn.available() and native.available()),
                                 reason="needs oneDNN and the native C library")
 
 
-def _ref(q, k, v, scale=None):
-    """softmax(scale q k^T, causal) v in float64, grouped heads repeated, the mask written out."""
+def _ref(q, k, v, scale=None, window=None):
+    """softmax(scale q k^T, causal) v in float64, grouped heads repeated, the mask written out; with a window,
+    row i sees only the keys i - window < j <= i."""
     H, Hk, T = q.shape[1], k.shape[1], q.shape[2]
     k64 = k.double().repeat_interleave(H // Hk, dim=1)
     v64 = v.double().repeat_interleave(H // Hk, dim=1)
     s = q.double() @ k64.transpose(-1, -2) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    hidden = torch.ones(T, T, dtype=torch.bool).triu(1)
+    if window is not None:
+        hidden |= torch.ones(T, T, dtype=torch.bool).tril(-window)
+    s = s.masked_fill(hidden, -math.inf)
     return torch.softmax(s, -1) @ v64
 
 
@@ -209,3 +213,87 @@ print("ok")
     env = dict(os.environ, LMLOSS_NATIVE_CFLAGS="-mno-avx512f", LMLOSS_CACHE_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def _sliding_mask(B, T, window):
+    """transformers' mask for a sliding-window layer: (B, 1, T, T) bool, True where row i sees key j."""
+    i = torch.arange(T)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    return band[None, None].expand(B, 1, T, T)
+
+
+@pytest.mark.parametrize("B, H, Hk, T, D, window", [(2, 4, 4, 1030, 64, 512), (1, 6, 2, 300, 40, 33),
+                                                     (1, 2, 1, 200, 256, 1), (2, 3, 3, 97, 16, 96),
+                                                     (1, 2, 2, 130, 32, 500)])
+def test_sliding_window_matches_float64_reference(B, H, Hk, T, D, window):
+    """A sliding-window layer's boolean mask (Gemma-3's) is read as its window, and the fused call computes it:
+    against float64 with the band written out, and SDPA with the mask itself."""
+    if not native.attention_ready():
+        pytest.skip("the fused attention needs the native library built with AVX-512 on torch's OpenMP threads")
+    q, k, v = _qkv(B, H, Hk, T, D, seed=window)
+    mask = _sliding_mask(B, T, window)
+    assert cpu_attention.window_of(mask, q) == min(window, T)
+    assert cpu_attention.applies(q, k, v, attn_mask=mask, enable_gqa=H != Hk)
+    with torch.inference_mode():
+        out = cpu_attention.causal(q, k, v, window=cpu_attention.window_of(mask, q))
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hk)
+    torch.testing.assert_close(out.double(), _ref(q, k, v, window=window), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(out, sdpa, rtol=1e-5, atol=2e-5)
+
+
+def test_window_of_reads_only_sliding_windows():
+    """Masks that are not one causal band for every batch row give None (SDPA computes them); a mask changed in
+    place after it was read is read again."""
+    q = torch.zeros(2, 4, 100, 8)
+    mask = _sliding_mask(2, 100, 10).clone()
+    assert cpu_attention.window_of(mask, q) == 10
+    assert cpu_attention.window_of(mask[0, 0], q) == 10  # (T, T), broadcast over batch and heads
+    mask[1, 0, 50, 45] = False  # one batch row's mask differs (a padded key, say)
+    assert cpu_attention.window_of(mask, q) is None
+    assert cpu_attention.window_of(~torch.ones(100, 100, dtype=torch.bool).triu(1).logical_not(), q) is None
+    assert cpu_attention.window_of(torch.ones(100, 100, dtype=torch.bool), q) is None  # not causal
+    assert cpu_attention.window_of(torch.zeros(100, 100), q) is None  # an additive float mask: not read
+    assert cpu_attention.window_of(_sliding_mask(2, 99, 10), q) is None  # another length
+    assert not cpu_attention.applies(q, q, q, attn_mask=torch.ones(100, 100, dtype=torch.bool))
+
+
+def test_sliding_window_is_sdpas_where_the_fused_call_is_not(monkeypatch):
+    """Without the fused call (an AVX2 host), a sliding-window mask stays with SDPA, and causal() refuses a
+    window rather than compute plain causal attention."""
+    monkeypatch.setattr(native, "attention_ready", lambda: False)
+    q, k, v = _qkv(1, 2, 2, 600, 16)
+    mask = _sliding_mask(1, 600, 100)
+    assert not cpu_attention.applies(q, k, v, attn_mask=mask)
+    with pytest.raises(ValueError, match="sliding window"):
+        cpu_attention.causal(q, k, v, window=100)
+
+
+def test_gemma3_sliding_layers_routed_and_unchanged(monkeypatch):
+    """A Gemma-3 forward (sliding-window layers with a boolean mask and expanded key/value heads, global
+    layers causal with grouped heads) inside cpu_forward: every layer's attention takes the fused call, the
+    logits are the model's own."""
+    if not native.attention_ready():
+        pytest.skip("the fused attention needs the native library built with AVX-512 on torch's OpenMP threads")
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=40,
+                           max_position_embeddings=512, attn_implementation="sdpa",
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    model = Gemma3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 97, (2, 150), generator=torch.Generator().manual_seed(4))
+    windows = []
+    real = native.attention
+
+    def attention(*a, window=None, **kw):
+        windows.append(window)
+        return real(*a, window=window, **kw)
+
+    with torch.inference_mode():
+        want = model(input_ids=ids, use_cache=False).logits
+        monkeypatch.setattr(native, "attention", attention)
+        with cpu_forward(module=model):
+            got = model(input_ids=ids, use_cache=False).logits
+    assert windows == [40, 40, None]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

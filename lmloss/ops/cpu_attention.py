@@ -13,8 +13,11 @@ Fused (native.attention, where native.attention_ready(): the library built with 
 threads): per (batch, head, tile of 24 query rows), on a thread of torch's OpenMP team, the scores of the keys the
 tile sees in register tiles (12 rows x 32 keys), its softmax rows, and p @ v in register tiles (6 rows x 64),
 all in the core's cache, divided into the output's layout. The keys are first copied into panels of 32 keys,
-transposed. No scores beyond the diagonal are computed but a tile's own triangle. SmolLM2's layer: 6.1-6.6 ms
-(369-409 GFLOP/s over the causal half), the whole 2 x 1024 forward 1.29 -> 1.20 s.
+transposed. No scores beyond the diagonal are computed but a tile's own triangle. It also takes a sliding
+window (row i sees the keys i - w < j <= i): `window_of` reads SDPA's boolean mask as one where it is exactly
+that band (transformers' sliding-window layers, Gemma-3's: 14 instead of SDPA's 45 ms per layer of 4 heads of
+256 at 2 x 1024, window 512). SmolLM2's layer: 6.1-6.6 ms (369-409 GFLOP/s over the causal half), the whole
+2 x 1024 forward 1.29 -> 1.20 s.
 
 Blocks (elsewhere), per (batch, head, block of 256 query rows):
     s = q_block @ k[:end].T                 oneDNN, float32 (end = the block's last row + 1: causal, no waste
@@ -26,9 +29,9 @@ and C pass on all of torch's OpenMP threads: 9.5-10 ms per layer in the model. (
 in turn, with single-threaded products, were 10% faster alone but 20% slower inside the model: OpenMP's
 threads, still spinning after the projection before, take the cores from them.)
 
-`applies` says when this runs (CPU, float32, 4-D, square causal, no mask, no dropout, no autograd, the
-native library and oneDNN both available, at least MIN_POSITIONS positions, FUSED_MIN_POSITIONS for the fused
-call); everything else is SDPA's own. Rows whose scores are not finite (a NaN or infinite score) are recomputed
+`applies` says when this runs (CPU, float32, 4-D, square causal, no mask but a sliding window's where the
+fused call is here, no dropout, no autograd, the native library and oneDNN both available, at least
+MIN_POSITIONS positions, FUSED_MIN_POSITIONS for the fused call); everything else is SDPA's own. Rows whose scores are not finite (a NaN or infinite score) are recomputed
 by SDPA, so NaN propagates exactly as SDPA propagates it. Both softmaxes compute the same formula in C (exact
 row max, the same 2^y polynomial, float32 lanes summed in double); the numbers are SDPA's up to float32
 summation order (~1e-6 relative).
@@ -36,7 +39,9 @@ summation order (~1e-6 relative).
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 
 import torch
 
@@ -50,8 +55,11 @@ _SDPA = torch.nn.functional.scaled_dot_product_attention
 
 
 def applies(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> bool:
-    """Whether causal(q, k, v, ...) replaces F.scaled_dot_product_attention for these arguments."""
-    if not (is_causal and attn_mask is None and dropout_p == 0.0):
+    """Whether causal(q, k, v, scale, window=window_of(attn_mask, q)) replaces F.scaled_dot_product_attention
+    for these arguments: causal, or (the fused call only) a boolean mask that is a causal sliding window."""
+    if dropout_p != 0.0 or not (is_causal and attn_mask is None or not is_causal and attn_mask is not None):
+        return False
+    if attn_mask is not None and not (native.attention_ready() and window_of(attn_mask, q) is not None):
         return False
     if not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32
                and t.dim() == 4 and t.layout == torch.strided for t in (q, k, v)):
@@ -67,9 +75,52 @@ def applies(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
     return onednn.enabled() and native.available()
 
 
-def causal(q, k, v, scale: float | None = None) -> torch.Tensor:
+_last_window = (None, -1, None, None)  # (weakref to the last mask read, its version, its (B, T), its window)
+
+
+@functools.lru_cache(maxsize=2)
+def _band(T: int, window: int) -> torch.Tensor:
+    """(T, T) bool: row i sees the keys i - window < j <= i (kept for the next layers: never written to)."""
+    i = torch.arange(T)
+    return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+
+
+def window_of(attn_mask, q) -> int | None:
+    """The window w where attn_mask is SDPA's boolean mask of a causal sliding window for q (B, H, T, D): True
+    exactly at the keys i - w < j <= i of every query row i, the same for every batch row and head (what
+    transformers gives a sliding-window layer, Gemma-3's); else None (also for attn_mask None). A mask passed to
+    several layers is read once (kept by a weak reference and its version counter); an inference tensor, which
+    has no version counter, is read every time (a comparison with a kept band, ~0.1 ms at 1024 positions)."""
+    global _last_window
+    if not (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool and attn_mask.device.type == "cpu"
+            and attn_mask.layout == torch.strided and attn_mask.dim() in (2, 3, 4) and q.dim() == 4):
+        return None
+    B, T = q.shape[0], q.shape[2]
+    try:
+        now = attn_mask._version
+    except RuntimeError:  # an inference tensor: it may have been written to in place without a trace
+        now = None
+    ref, version, shape, window = _last_window
+    if now is not None and ref is not None and ref() is attn_mask and version == now and shape == (B, T):
+        return window
+    m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)) if attn_mask.dim() < 4 else attn_mask
+    window = None
+    if m.shape[-2:] == (T, T) and m.shape[0] in (1, B) and m.shape[1] in (1, q.shape[1]) and T > 0:
+        w = int(m[0, 0, T - 1].sum())  # the keys the last row sees
+        if w > 0:
+            band = _band(T, w)
+            slices = {(b, h) if m.stride(0) or b == 0 else (0, h) for b in range(m.shape[0]) for h in range(m.shape[1])}
+            if all(torch.equal(m[b, h], band) for b, h in sorted(slices)):
+                window = w
+    if now is not None:
+        _last_window = (weakref.ref(attn_mask), now, (B, T), window)
+    return window
+
+
+def causal(q, k, v, scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """softmax(scale * q @ k.T, causal) @ v for q (B, H, T, D), k and v (B, Hk, T, Dv), H a multiple of Hk
-    (grouped heads: query head h reads key/value head h // (H / Hk)); scale defaults to 1 / sqrt(D).
+    (grouped heads: query head h reads key/value head h // (H / Hk)); scale defaults to 1 / sqrt(D); with a
+    window (the fused call only), row i sees the keys i - window < j <= i.
     Returns (B, H, T, Dv) float32, a view of a (B, T, H, Dv) tensor (the layout the next projection reads)."""
     B, H, T, D = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
@@ -77,7 +128,9 @@ def causal(q, k, v, scale: float | None = None) -> torch.Tensor:
     c = (1.0 / math.sqrt(D) if scale is None else float(scale)) * _LOG2E
     out = torch.empty(B, T, H, Dv, dtype=torch.float32)
     if native.attention_ready():
-        return _fused(q, k, v, scale, c, out)
+        return _fused(q, k, v, scale, c, out, window if window is not None and window < T else None)
+    if window is not None and window < T:
+        raise ValueError("a sliding window needs the fused attention (native.attention_ready()), which is not here")
     out_groups = out.view(B, T, Hk, group, Dv)
     keys = k.contiguous()                         # (B, Hk, T, D): k[:end] is one block of rows
     values_t = v.transpose(-1, -2).contiguous()   # (B, Hk, Dv, T)
@@ -104,7 +157,7 @@ def causal(q, k, v, scale: float | None = None) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _fused(q, k, v, scale, c, out):
+def _fused(q, k, v, scale, c, out, window):
     """The whole layer in one C call (native.attention); rows with a NaN or infinite score recomputed by SDPA."""
     B, H, T, D = q.shape
     Hk = k.shape[1]
@@ -113,12 +166,12 @@ def _fused(q, k, v, scale, c, out):
     Tp = -(-T // 32) * 32  # panels of 32 keys, transposed: (B, Hk, Tp / 32, D, 32), each contiguous
     keys_t = torch.nn.functional.pad(k, (0, 0, 0, Tp - T)).view(B, Hk, Tp // 32, 32, D).transpose(-1, -2).contiguous()
     bad = torch.zeros(B, H, T, dtype=torch.uint8)
-    if native.attention(q, keys_t, v, c, out, bad):
+    if native.attention(q, keys_t, v, c, out, bad, window=window):
         group = H // Hk
         for b, h in bad.any(-1).nonzero().tolist():
             rows = bad[b, h].nonzero().flatten()
             last = int(rows[-1]) + 1
-            mask = torch.ones(last, last, dtype=torch.bool).tril()[rows]
+            mask = _band(last, window or last)[rows]
             out[b, rows, h] = _SDPA(q[b, h, rows], k[b, h // group, :last], v[b, h // group, :last],
                                     attn_mask=mask, scale=scale)
     return out.transpose(1, 2)

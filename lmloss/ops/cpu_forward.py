@@ -49,7 +49,8 @@ class _Routes(TorchFunctionMode):
             a = _sdpa_arguments(args, kwargs)
             if a is not None and cpu_attention.applies(a["query"], a["key"], a["value"], a["attn_mask"],
                                                        a["dropout_p"], a["is_causal"], a["scale"], a["enable_gqa"]):
-                return cpu_attention.causal(a["query"], a["key"], a["value"], a["scale"])
+                return cpu_attention.causal(a["query"], a["key"], a["value"], a["scale"],
+                                            window=cpu_attention.window_of(a["attn_mask"], a["query"]))
         return func(*args, **kwargs)
 
 

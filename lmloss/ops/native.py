@@ -209,7 +209,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmloss_fold_tile_all.restype = None
     lib.lmloss_attention_ready.argtypes = []
     lib.lmloss_attention_ready.restype = i32
-    lib.lmloss_attention_all.argtypes = [vp, vp, vp, *[i64] * 12, f32, i32, vp, vp]
+    lib.lmloss_attention_all.argtypes = [vp, vp, vp, *[i64] * 13, f32, i32, vp, vp]
     lib.lmloss_attention_all.restype = i64
     # the drivers only where they run on the runtime that was already here (torch's), not on a second one
     _omp = lib.lmloss_omp_threads() > 0 and len(before) == 1 and _openmp_runtimes() == before
@@ -327,11 +327,12 @@ def attention_ready() -> bool:
 
 
 def attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, c: float, out: torch.Tensor,
-              bad: torch.Tensor) -> int:
+              bad: torch.Tensor, window: int | None = None) -> int:
     """Causal attention of a layer in one call (native_cpu.c, where attention_ready()): for float32 q (B, H, T, D)
     and v (B, Hk, T, Dv) with unit stride over their last dimension, kt = k in panels of 32 keys transposed,
     contiguous (B, Hk, Tp / 32, D, 32), Tp = T rounded up to a multiple of 32 (keys past T zero),
-    out[b, t, h] <- softmax over j <= t of 2^(c q[b, h, t] . k[b, hk, j]) weighting v[b, hk, j], hk = h // (H / Hk),
+    out[b, t, h] <- softmax over t - window < j <= t of 2^(c q[b, h, t] . k[b, hk, j]) weighting v[b, hk, j],
+    hk = h // (H / Hk) (window None: all j <= t),
     into a contiguous float32 out (B, T, H, Dv). Rows with a NaN or infinite score get bad[b, h, t] = 1 (a zeroed
     contiguous uint8 (B, H, T)), their out unspecified; returns how many."""
     lib = _require()
@@ -342,7 +343,7 @@ def attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, c: float, out:
     assert kt.shape == (B, Hk, -(-T // 32), D, 32) and v.shape == (B, Hk, T, Dv) and out.shape == (B, T, H, Dv) and H % Hk == 0
     assert bad.shape == (B, H, T)
     n = lib.lmloss_attention_all(q.data_ptr(), kt.data_ptr(), v.data_ptr(), B, H, Hk, T, D, Dv, q.stride(0),
-                                 q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2), c,
+                                 q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2), window or 0, c,
                                  torch.get_num_threads(), out.data_ptr(), bad.data_ptr())
     if n == -1:
         raise MemoryError(f"lmloss native attention: no memory for a {T}-key scratch per thread")

@@ -530,12 +530,12 @@ static inline __m512 att_exp2(__m512 y) {
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-/* lmloss_causal_probs for one row of a tile, in registers: row[j] <- 2^(c (row[j] - max_{j' < k} row[j'])) for
-   j < k, 0 for k <= j < n; returns the sum (float32 lanes over 512 columns, double across), or NaN where some
-   exponent is NaN or infinite (a NaN or infinite score: the caller flags the row) */
-static inline float att_softmax_row(float *row, int64_t k, int64_t n, float c) {
+/* lmloss_causal_probs for one row of a tile, in registers: row[j] <- 2^(c (row[j] - max_{lo <= j' < k} row[j']))
+   for lo <= j < k, 0 for the other j < n; returns the sum (float32 lanes over 512 columns, double across), or
+   NaN where some exponent is NaN or infinite (a NaN or infinite score: the caller flags the row) */
+static inline float att_softmax_row(float *row, int64_t lo, int64_t k, int64_t n, float c) {
     __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
-    int64_t j = 0;
+    int64_t j = lo;
     for (; j + 32 <= k; j += 32) {
         m0 = _mm512_max_ps(m0, _mm512_loadu_ps(row + j));
         m1 = _mm512_max_ps(m1, _mm512_loadu_ps(row + j + 16));
@@ -546,7 +546,7 @@ static inline float att_softmax_row(float *row, int64_t k, int64_t n, float c) {
     const __m512 L = _mm512_set1_ps(c), cm = _mm512_set1_ps(-m * c);
     __mmask16 bad = 0;
     double total = 0.0;
-    for (int64_t j0 = 0; j0 < k; j0 += COLS_PER_PARTIAL) {
+    for (int64_t j0 = lo; j0 < k; j0 += COLS_PER_PARTIAL) {
         const int64_t j1 = j0 + COLS_PER_PARTIAL < k ? j0 + COLS_PER_PARTIAL : k;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0;
         for (j = j0; j < j1; j += 32) {
@@ -562,6 +562,7 @@ static inline float att_softmax_row(float *row, int64_t k, int64_t n, float c) {
         }
         total += (double)_mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
     }
+    memset(row, 0, (size_t)lo * sizeof(float));
     if (k < n)
         memset(row + k, 0, (size_t)(n - k) * sizeof(float));
     return bad ? NAN : (float)total;
@@ -571,6 +572,7 @@ typedef struct {
     const float *q, *kt, *v;
     int64_t B, H, Hk, T, D, Dv;
     int64_t qsb, qsh, qst, vsb, vsh, vst;  /* element strides of q (B, H, T, D) and v (B, Hk, T, Dv) */
+    int64_t window;                       /* row t sees the keys t - window < j <= t */
     float c;
     float *out;                           /* (B, T, H, Dv) contiguous */
     unsigned char *bad;                   /* (B, H, T) */
@@ -581,7 +583,11 @@ static int64_t att_item(const att_args *a, int64_t item, float *S, float *sums) 
     const int64_t g = item % group, tile = (item / group) % tiles, bhk = item / (group * tiles);
     const int64_t b = bhk / a->Hk, hk = bhk % a->Hk, h = hk * group + g;
     const int64_t t0 = tile * ATT_TILE, t1 = t0 + ATT_TILE < a->T ? t0 + ATT_TILE : a->T, rows = t1 - t0;
-    const int64_t lds = (t1 + 31) / 32 * 32 + 16;  /* rows 64 bytes off a 4 KiB stride: no cache-set aliasing */
+    const int64_t W = a->window;
+#define FIRST_KEY(t) ((t) - W + 1 > 0 ? (t) - W + 1 : 0)
+    const int64_t j_lo = FIRST_KEY(t0) / 32 * 32;  /* S's column c is key j_lo + c */
+    const int64_t n = (t1 - j_lo + 31) / 32 * 32;
+    const int64_t lds = n + 16;  /* rows 64 bytes off a 4 KiB stride: no cache-set aliasing */
     const float *qrow[ATT_TILE];
     for (int64_t r = 0; r < ATT_TILE; ++r)  /* rows past the tile repeat its last row: computed, never stored */
         qrow[r] = a->q + b * a->qsb + h * a->qsh + (t0 + (r < rows ? r : rows - 1)) * a->qst;
@@ -589,13 +595,13 @@ static int64_t att_item(const att_args *a, int64_t item, float *S, float *sums) 
     const float *kt = a->kt + (b * a->Hk + hk) * a->D * Tp;
     for (int64_t half = 0; half < ATT_TILE / 12; ++half) {
         const int64_t r_last = 12 * half + 11 < rows ? 12 * half + 11 : rows - 1;
-        const int64_t seen = t0 + r_last + 1;  /* the keys the 12 rows see */
-        for (int64_t j0 = 0; j0 < seen; j0 += 32)
-            att_scores_12x32(qrow + 12 * half, kt + j0 * a->D, a->D, S + 12 * half * lds + j0, lds);
+        const int64_t seen = t0 + r_last + 1;  /* the keys the 12 rows see: FIRST_KEY(their first row) .. seen */
+        for (int64_t j0 = FIRST_KEY(t0 + 12 * half) / 32 * 32; j0 < seen; j0 += 32)
+            att_scores_12x32(qrow + 12 * half, kt + j0 * a->D, a->D, S + 12 * half * lds + (j0 - j_lo), lds);
     }
     int64_t bad_rows = 0;
     for (int64_t r = 0; r < rows; ++r) {
-        sums[r] = att_softmax_row(S + r * lds, t0 + r + 1, lds, a->c);
+        sums[r] = att_softmax_row(S + r * lds, FIRST_KEY(t0 + r) - j_lo, t0 + r + 1 - j_lo, n, a->c);
         if (!(sums[r] > 0.0f && sums[r] < INFINITY)) {
             a->bad[(b * a->H + h) * a->T + t0 + r] = 1;
             ++bad_rows;
@@ -605,16 +611,17 @@ static int64_t att_item(const att_args *a, int64_t item, float *S, float *sums) 
     const int64_t out_row = a->H * a->Dv;
     float *out = a->out + b * a->T * out_row + h * a->Dv;
     for (int64_t r0 = 0; r0 < rows; r0 += 6) {
-        const int64_t n = r0 + 6 < rows ? r0 + 6 : rows;  /* rows r0 .. n - 1 */
+        const int64_t r1 = r0 + 6 < rows ? r0 + 6 : rows;  /* rows r0 .. r1 - 1 see the keys j0 .. t0 + r1 - 1 */
+        const int64_t j0 = FIRST_KEY(t0 + r0) - j_lo;
         const float *prow[6];
         for (int64_t r = 0; r < 6; ++r)
-            prow[r] = S + (r0 + r < n ? r0 + r : n - 1) * lds;
+            prow[r] = S + (r0 + r < r1 ? r0 + r : r1 - 1) * lds + j0;
         for (int64_t d0 = 0; d0 < a->Dv; d0 += 64) {
             const int64_t nv = a->Dv - d0 < 64 ? a->Dv - d0 : 64;
             __m512 o[6][4];
-            att_values_6x64(prow, v + d0, a->vst, t0 + n, nv, o);
+            att_values_6x64(prow, v + (j_lo + j0) * a->vst + d0, a->vst, t0 + r1 - j_lo - j0, nv, o);
             const __mmask16 m[4] = {lanes_below(nv), lanes_below(nv - 16), lanes_below(nv - 32), lanes_below(nv - 48)};
-            for (int64_t r = r0; r < n; ++r) {
+            for (int64_t r = r0; r < r1; ++r) {
                 const __m512 sum = _mm512_set1_ps(sums[r]);
                 float *dst = out + (t0 + r) * out_row + d0;
                 for (int k = 0; k < 4; ++k)
@@ -622,6 +629,7 @@ static int64_t att_item(const att_args *a, int64_t item, float *S, float *sums) 
             }
         }
     }
+#undef FIRST_KEY
     return bad_rows;
 }
 
@@ -629,8 +637,10 @@ int lmloss_attention_ready(void) { return 1; }
 
 int64_t lmloss_attention_all(const float *q, const float *kt, const float *v, int64_t B, int64_t H, int64_t Hk,
                              int64_t T, int64_t D, int64_t Dv, int64_t qsb, int64_t qsh, int64_t qst, int64_t vsb,
-                             int64_t vsh, int64_t vst, float c, int n_threads, float *out, unsigned char *bad) {
-    const att_args a = {q, kt, v, B, H, Hk, T, D, Dv, qsb, qsh, qst, vsb, vsh, vst, c, out, bad};
+                             int64_t vsh, int64_t vst, int64_t window, float c, int n_threads, float *out,
+                             unsigned char *bad) {
+    const att_args a = {q, kt, v, B, H, Hk, T, D, Dv, qsb, qsh, qst, vsb, vsh, vst, window < 1 || window > T ? T : window,
+                        c, out, bad};
     const int64_t n_items = B * H * ((T + ATT_TILE - 1) / ATT_TILE);
     const size_t scratch = (size_t)ATT_TILE * (size_t)((T + 31) / 32 * 32 + 16) * sizeof(float);
     int64_t next = 0, bad_rows = 0;
@@ -657,7 +667,8 @@ int lmloss_attention_ready(void) { return 0; }
 
 int64_t lmloss_attention_all(const float *q, const float *kt, const float *v, int64_t B, int64_t H, int64_t Hk,
                              int64_t T, int64_t D, int64_t Dv, int64_t qsb, int64_t qsh, int64_t qst, int64_t vsb,
-                             int64_t vsh, int64_t vst, float c, int n_threads, float *out, unsigned char *bad) {
+                             int64_t vsh, int64_t vst, int64_t window, float c, int n_threads, float *out,
+                             unsigned char *bad) {
     return -2;  /* not built: lmloss_attention_ready() is 0 */
 }
 #endif
