@@ -297,3 +297,16 @@ def test_gemma3_sliding_layers_routed_and_unchanged(monkeypatch):
             got = model(input_ids=ids, use_cache=False).logits
     assert windows == [40, 40, None]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 2, 11, 13, 25, 33])
+@pytest.mark.parametrize("window", [None, 1, 3, 30])
+def test_fused_below_one_tile(T, window):
+    """causal() called directly on lengths under one tile (24 query rows, 12-row score tiles, 32-key panels),
+    with and without a window: the rows past the length are computed from copies and never stored."""
+    if not native.attention_ready():
+        pytest.skip("the fused attention needs the native library built with AVX-512 on torch's OpenMP threads")
+    q, k, v = _qkv(2, 4, 2, T, 24, seed=T)
+    with torch.inference_mode():
+        out = cpu_attention.causal(q, k, v, window=window)
+    torch.testing.assert_close(out.double(), _ref(q, k, v, window=window), rtol=1e-5, atol=2e-5)
