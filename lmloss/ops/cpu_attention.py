@@ -31,8 +31,9 @@ threads, still spinning after the projection before, take the cores from them.)
 
 `applies` says when this runs (CPU, float32, 4-D, square causal, no mask but a sliding window's where the
 fused call is here, no dropout, no autograd, the native library and oneDNN both available, at least
-MIN_POSITIONS positions, FUSED_MIN_POSITIONS for the fused call); everything else is SDPA's own. Rows whose scores are not finite (a NaN or infinite score) are recomputed
-by SDPA, so NaN propagates exactly as SDPA propagates it. Both softmaxes compute the same formula in C (exact
+MIN_POSITIONS positions, FUSED_MIN_POSITIONS for the fused call); everything else is SDPA's own. Rows whose
+scores are not finite (a NaN or infinite score) are recomputed by SDPA, so NaN propagates exactly as SDPA
+propagates it. Both softmaxes compute the same formula in C (exact
 row max, the same 2^y polynomial, float32 lanes summed in double); the numbers are SDPA's up to float32
 summation order (~1e-6 relative).
 """
@@ -59,10 +60,10 @@ def applies(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
     for these arguments: causal, or (the fused call only) a boolean mask that is a causal sliding window."""
     if dropout_p != 0.0 or not (is_causal and attn_mask is None or not is_causal and attn_mask is not None):
         return False
-    if attn_mask is not None and not (native.attention_ready() and window_of(attn_mask, q) is not None):
-        return False
     if not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32
                and t.dim() == 4 and t.layout == torch.strided for t in (q, k, v)):
+        return False
+    if attn_mask is not None and not (native.attention_ready() and window_of(attn_mask, q) is not None):
         return False
     (B, H, T, D), (Bk, Hk, Tk, Dk), (Bv, Hv, Tv, Dv) = q.shape, k.shape, v.shape
     least = FUSED_MIN_POSITIONS if native.attention_ready() else MIN_POSITIONS

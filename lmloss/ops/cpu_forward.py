@@ -6,7 +6,7 @@
 Inside, for as long as the block runs in this thread (a torch function mode, not a change to any module):
     F.linear(x, w, b)                                   -> onednn.linear: oneDNN's float32 GEMM, 2.2x MKL's
                                                            on AMD CPUs (lmloss/ops/onednn.py)
-    F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    F.scaled_dot_product_attention(q, k, v, is_causal=True)  (or a sliding window's boolean mask)
                                                         -> cpu_attention.causal: one C call per layer with
                                                            AVX-512, else oneDNN products and one C loop per
                                                            row for the softmax (cpu_attention.py)
@@ -15,8 +15,8 @@ each only where it applies (CPU, float32, no autograd, ...), every other call as
 (lmloss/ops/cpu_layers.py; those replace the layers' forward for the duration of the block), which LoadedModel
 does. SmolLM2-135M, 2 x 1024 positions on 2 Zen 5 cores: 2.73 s -> 1.52 s with the linear layers, -> 1.41 s
 with the attention as well, -> 1.27-1.30 s with the attention's C passes on torch's OpenMP threads and the
-layers in C, -> 1.18-1.22 s with the attention as one C call per layer. `LMLOSS_ONEDNN=0` turns all of it off (it needs oneDNN), `LMLOSS_NATIVE=0` the attention and the
-layers (they need the C library).
+layers in C, -> 1.18-1.22 s with the attention as one C call per layer. `LMLOSS_ONEDNN=0` turns all of it off
+(it needs oneDNN), `LMLOSS_NATIVE=0` the attention and the layers (they need the C library).
 """
 
 from __future__ import annotations

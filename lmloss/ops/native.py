@@ -156,7 +156,8 @@ def _build(openmp: bool = True) -> Path:
     OpenMP where `openmp` and _openmp_flags allow it."""
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    flags = (*_FLAGS, *os.environ.get("LMLOSS_NATIVE_CFLAGS", "").split(), *(_openmp_flags(version) if openmp else ()))
+    extra = os.environ.get("LMLOSS_NATIVE_CFLAGS", "").split()
+    flags = (*_FLAGS, *extra, *(_openmp_flags(version) if openmp else ()))
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), cc, version, *flags, _cpu_flags()]).encode()).hexdigest()
     from lmloss.cache_folder import cache_root
 
@@ -340,7 +341,8 @@ def attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, c: float, out:
     Hk, Dv = v.shape[1], v.shape[-1]
     assert q.dtype == kt.dtype == v.dtype == out.dtype == torch.float32 and bad.dtype == torch.uint8
     assert q.stride(3) == 1 and v.stride(3) == 1 and kt.is_contiguous() and out.is_contiguous() and bad.is_contiguous()
-    assert kt.shape == (B, Hk, -(-T // 32), D, 32) and v.shape == (B, Hk, T, Dv) and out.shape == (B, T, H, Dv) and H % Hk == 0
+    assert kt.shape == (B, Hk, -(-T // 32), D, 32) and v.shape == (B, Hk, T, Dv) and H % Hk == 0
+    assert out.shape == (B, T, H, Dv)
     assert bad.shape == (B, H, T)
     n = lib.lmloss_attention_all(q.data_ptr(), kt.data_ptr(), v.data_ptr(), B, H, Hk, T, D, Dv, q.stride(0),
                                  q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2), window or 0, c,

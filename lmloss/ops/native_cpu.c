@@ -639,8 +639,8 @@ int64_t lmloss_attention_all(const float *q, const float *kt, const float *v, in
                              int64_t T, int64_t D, int64_t Dv, int64_t qsb, int64_t qsh, int64_t qst, int64_t vsb,
                              int64_t vsh, int64_t vst, int64_t window, float c, int n_threads, float *out,
                              unsigned char *bad) {
-    const att_args a = {q, kt, v, B, H, Hk, T, D, Dv, qsb, qsh, qst, vsb, vsh, vst, window < 1 || window > T ? T : window,
-                        c, out, bad};
+    const int64_t w = window < 1 || window > T ? T : window;  /* 0: no window (causal) */
+    const att_args a = {q, kt, v, B, H, Hk, T, D, Dv, qsb, qsh, qst, vsb, vsh, vst, w, c, out, bad};
     const int64_t n_items = B * H * ((T + ATT_TILE - 1) / ATT_TILE);
     const size_t scratch = (size_t)ATT_TILE * (size_t)((T + 31) / 32 * 32 + 16) * sizeof(float);
     int64_t next = 0, bad_rows = 0;
