@@ -440,17 +440,19 @@ void lmloss_fold_tile_all(const float *z, int64_t n_rows, int64_t cols, int64_t 
 }
 
 /* Causal attention for a whole layer in one call (cpu_attention.py), where the library is built with AVX-512:
-       out[b, t, h, :] = sum_{j <= t} p_tj v[b, hk, j, :] / sum_{j <= t} p_tj,
-       p_tj = 2^(c (s_tj - max_{j' <= t} s_tj')),  s_tj = q[b, h, t, :] . k[b, hk, j, :],  hk = h / group
+       out[b, t, h, :] = sum_{j in J_t} p_tj v[b, hk, j, :] / sum_{j in J_t} p_tj,   J_t = {t - window < j <= t}
+       p_tj = 2^(c (s_tj - max_{j' in J_t} s_tj')),  s_tj = q[b, h, t, :] . k[b, hk, j, :],  hk = h / group
+   (window 0: all j <= t).
    The work items are (b, hk, tile of ATT_TILE query rows, head of the group), in that order (the heads that share
    a key/value head one after the other, so their keys and values stay in the core's cache), handed to the
-   OpenMP team by an atomic counter. Per item, in a scratch of ATT_TILE x round_up(t1, 32) floats per thread:
-       scores   s = q_tile @ k[:t1].T   register tiles of 12 rows x 32 keys over d, the keys in panels of 32
+   OpenMP team by an atomic counter. Per item, in a scratch of ATT_TILE rows of the tile's keys (from the first
+   row's first key, rounded down to 32, to t1) per thread:
+       scores   s = q_tile @ k[keys].T   register tiles of 12 rows x 32 keys over d, the keys in panels of 32
                 transposed (kt (B, Hk, T / 32, D, 32), T padded to a multiple of 32: each panel 8 KiB at D = 64,
                 contiguous), only the keys some row of the 12 sees
        softmax  att_softmax_row: lmloss_causal_probs's formula in AVX-512 registers (the exact row max, the same
-                2^y polynomial, float32 lanes over 512 columns and double across, 0 beyond the diagonal)
-       values   o = p @ v[:t1], register tiles of 6 rows x 64 values over j up to the 6 rows' last key, then
+                2^y polynomial, float32 lanes over 512 columns and double across, 0 outside J_t)
+       values   o = p @ v[keys], register tiles of 6 rows x 64 values over j up to the 6 rows' last key, then
                 divided by the row sums into out (one division each, torch.div's numbers)
    Every product is a float32 fused multiply-add chain over d or j (summation order is the only difference from
    torch's). Rows whose scores hold a NaN or infinity are flagged in bad[(b * H + h) * T + t] for the caller to
