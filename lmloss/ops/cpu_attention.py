@@ -58,22 +58,31 @@ _SDPA = torch.nn.functional.scaled_dot_product_attention
 def applies(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> bool:
     """Whether causal(q, k, v, scale, window=window_of(attn_mask, q)) replaces F.scaled_dot_product_attention
     for these arguments: causal, or (the fused call only) a boolean mask that is a causal sliding window."""
+    return plan(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
+
+
+def plan(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+         enable_gqa=False) -> tuple[bool, int | None]:
+    """(applies(...), the window to pass to causal()): the mask read once, after every cheaper check."""
     if dropout_p != 0.0 or not (is_causal and attn_mask is None or not is_causal and attn_mask is not None):
-        return False
+        return False, None
     if not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32
                and t.dim() == 4 and t.layout == torch.strided for t in (q, k, v)):
-        return False
-    if attn_mask is not None and not (native.attention_ready() and window_of(attn_mask, q) is not None):
-        return False
+        return False, None
     (B, H, T, D), (Bk, Hk, Tk, Dk), (Bv, Hv, Tv, Dv) = q.shape, k.shape, v.shape
     least = FUSED_MIN_POSITIONS if native.attention_ready() else MIN_POSITIONS
     if not (B == Bk == Bv and T == Tk == Tv and D == Dk and Hk == Hv and Hk > 0 and T >= least and D > 0):
-        return False
+        return False, None
     if H != Hk and not (enable_gqa and H % Hk == 0):
-        return False
+        return False, None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return False
-    return onednn.enabled() and native.available()
+        return False, None
+    if not (onednn.enabled() and native.available()):
+        return False, None
+    if attn_mask is None:
+        return True, None
+    window = window_of(attn_mask, q) if native.attention_ready() else None
+    return window is not None, window
 
 
 _last_window = (None, -1, None, None)  # (weakref to the last mask read, its version, its (B, T), its window)

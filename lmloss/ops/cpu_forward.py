@@ -47,10 +47,11 @@ class _Routes(TorchFunctionMode):
             return onednn.linear(*args, **kwargs)
         if func is _SDPA:
             a = _sdpa_arguments(args, kwargs)
-            if a is not None and cpu_attention.applies(a["query"], a["key"], a["value"], a["attn_mask"],
-                                                       a["dropout_p"], a["is_causal"], a["scale"], a["enable_gqa"]):
-                return cpu_attention.causal(a["query"], a["key"], a["value"], a["scale"],
-                                            window=cpu_attention.window_of(a["attn_mask"], a["query"]))
+            ok, window = (False, None) if a is None else cpu_attention.plan(
+                a["query"], a["key"], a["value"], a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"],
+                a["enable_gqa"])
+            if ok:
+                return cpu_attention.causal(a["query"], a["key"], a["value"], a["scale"], window=window)
         return func(*args, **kwargs)
 
 

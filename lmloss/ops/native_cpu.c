@@ -38,6 +38,15 @@ static inline uint32_t float_to_bits(float f) {
     return u;
 }
 
+/* 2^f = sum_k (f ln 2)^k / k!, k <= 7, on f in [-1/2, 1/2]: EXP2_C7 f^7 + ... + EXP2_C1 f + 1 (Horner) */
+#define EXP2_C7 1.5252733804059841e-05f
+#define EXP2_C6 1.5403530393381609e-04f
+#define EXP2_C5 1.3333558146428443e-03f
+#define EXP2_C4 9.6181291076284772e-03f
+#define EXP2_C3 5.5504108664821580e-02f
+#define EXP2_C2 2.4022650695910072e-01f
+#define EXP2_C1 6.9314718055994531e-01f
+
 static inline float exp2_poly(float y) {
     /* clamp to [-127, 128] (one maxps and one minps; a NaN y becomes a number here, so the callers detect NaN
        and inf apart): y >= 127.5 rounds to n = 128, whose scale is +inf, so the row sum overflows */
@@ -45,14 +54,13 @@ static inline float exp2_poly(float y) {
     y = y < 128.0f ? y : 128.0f;
     float n = rintf(y);
     float f = y - n;                        /* exact, in [-1/2, 1/2] */
-    /* 2^f = sum_k (f ln 2)^k / k!, k <= 7 */
-    float p = 1.5252733804059841e-05f;
-    p = fmaf(p, f, 1.5403530393381609e-04f);
-    p = fmaf(p, f, 1.3333558146428443e-03f);
-    p = fmaf(p, f, 9.6181291076284772e-03f);
-    p = fmaf(p, f, 5.5504108664821580e-02f);
-    p = fmaf(p, f, 2.4022650695910072e-01f);
-    p = fmaf(p, f, 6.9314718055994531e-01f);
+    float p = EXP2_C7;
+    p = fmaf(p, f, EXP2_C6);
+    p = fmaf(p, f, EXP2_C5);
+    p = fmaf(p, f, EXP2_C4);
+    p = fmaf(p, f, EXP2_C3);
+    p = fmaf(p, f, EXP2_C2);
+    p = fmaf(p, f, EXP2_C1);
     p = fmaf(p, f, 1.0f);
     int32_t e = (int32_t)n + 127;           /* 0 for n = -127: the term is 0; 255 for n = 128: +inf */
     return p * bits_to_float((uint32_t)e << 23);
@@ -466,6 +474,11 @@ static inline __mmask16 lanes_below(int64_t n) {  /* the first n of 16 lanes, n 
     return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
 }
 
+static inline void value_lanes(int64_t nv, __mmask16 m[4]) {  /* the 4 x 16 lanes of nv <= 64 values */
+    for (int k = 0; k < 4; ++k)
+        m[k] = lanes_below(nv - 16 * k);
+}
+
 /* s[r][0 .. 32) = sum_d q[r][d] panel[d][0 .. 32) for r < 12: 32 keys, transposed (D x 32, contiguous) */
 static inline void att_scores_12x32(const float *const *q, const float *panel, int64_t D, float *s, int64_t lds) {
     __m512 a[12][2];
@@ -491,7 +504,8 @@ static inline void att_scores_12x32(const float *const *q, const float *panel, i
 /* o[r][0 .. 64) = sum_{j < n} p[r][j] v[j][0 .. 64) for r < 6, the lanes past nv (< 64) left 0 */
 static inline void att_values_6x64(const float *const *p, const float *v, int64_t ldv, int64_t n, int64_t nv,
                                    __m512 o[6][4]) {
-    const __mmask16 m[4] = {lanes_below(nv), lanes_below(nv - 16), lanes_below(nv - 32), lanes_below(nv - 48)};
+    __mmask16 m[4];
+    value_lanes(nv, m);
     __m512 a[6][4];  /* in registers: accumulating into o itself would store them on every step */
     _Pragma("GCC unroll 6")
     for (int r = 0; r < 6; ++r)
@@ -520,13 +534,13 @@ static inline __m512 att_exp2(__m512 y) {
     y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(128.0f));
     const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(y, n);
-    __m512 p = _mm512_set1_ps(1.5252733804059841e-05f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381609e-04f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910072e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));
+    __m512 p = _mm512_set1_ps(EXP2_C7);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C5));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C4));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C1));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
@@ -622,7 +636,8 @@ static int64_t att_item(const att_args *a, int64_t item, float *S, float *sums) 
             const int64_t nv = a->Dv - d0 < 64 ? a->Dv - d0 : 64;
             __m512 o[6][4];
             att_values_6x64(prow, v + (j_lo + j0) * a->vst + d0, a->vst, t0 + r1 - j_lo - j0, nv, o);
-            const __mmask16 m[4] = {lanes_below(nv), lanes_below(nv - 16), lanes_below(nv - 32), lanes_below(nv - 48)};
+            __mmask16 m[4];
+            value_lanes(nv, m);
             for (int64_t r = r0; r < r1; ++r) {
                 const __m512 sum = _mm512_set1_ps(sums[r]);
                 float *dst = out + (t0 + r) * out_row + d0;
